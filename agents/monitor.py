@@ -1,0 +1,122 @@
+"""The CLI's SB3 callback: progress bar, metrics.csv, periodic evaluation, checkpoints, curves."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from stable_baselines3.common.callbacks import BaseCallback
+from tqdm import tqdm
+
+from agents.checkpoint import METRICS, read_metrics, save_checkpoint, write_metrics
+from agents.evaluation import evaluate
+from agents.plots import plot_curves
+from agents.vec_env import LMGymVecEnv
+
+LOGGED = (
+    "rollout/task_reward",
+    "rollout/kl_analytic",
+    "rollout/kl_in_reward",
+    "rollout/kl_coef",
+    "rollout/gen_length",
+    "train/policy_gradient_loss",
+    "train/value_loss",
+    "train/entropy_loss",
+    "train/kl_loss",
+    "train/loss",
+    "train/clip_fraction",
+    "train/approx_kl",
+    "train/explained_variance",
+    "time/rollout_tokens_per_s",
+)
+
+
+class TrainingMonitor(BaseCallback):
+    """After each PPO iteration (rollout + update): log a metrics row, evaluate and checkpoint on
+    schedule, stop after ``iters`` iterations."""
+
+    def __init__(
+        self,
+        out: Path,
+        iters: int,
+        eval_env: LMGymVecEnv | None,
+        eval_every: int,
+        save_every: int,
+        n_samples: int = 3,
+    ):
+        super().__init__()
+        self.out = out
+        self.iters = iters
+        self.eval_env = eval_env
+        self.eval_every = eval_every
+        self.save_every = save_every
+        self.n_samples = n_samples
+        self.rows = read_metrics(out / METRICS)
+        self._seen_iterations = 0
+        self._iteration_start = time.perf_counter()
+        self.bar: tqdm | None = None
+
+    def _on_training_start(self) -> None:
+        self._seen_iterations = self.model.n_iterations
+        self.bar = tqdm(total=self.iters, initial=self._seen_iterations, desc="PPO-KL", unit="iter", dynamic_ncols=True)
+
+    def _on_rollout_start(self) -> None:
+        self._finish_iteration()
+        self._iteration_start = time.perf_counter()
+
+    def _on_step(self) -> bool:
+        return self.model.n_iterations < self.iters
+
+    def _on_training_end(self) -> None:
+        self._finish_iteration()
+        if self.bar is not None:
+            self.bar.close()
+
+    def _finish_iteration(self) -> None:
+        """Runs once per completed update (n_iterations advanced since the last call)."""
+        iteration = self.model.n_iterations
+        if iteration == self._seen_iterations:
+            return
+        self._seen_iterations = iteration
+        logged = self.model.logger.name_to_value
+        stats = {**logged, **self.model.rollout_stats}
+        seconds = time.perf_counter() - self._iteration_start
+        row: dict[str, object] = {"iteration": iteration, "timesteps": self.model.num_timesteps}
+        row.update({key: stats[key] for key in LOGGED if key in stats})
+        row["time/iteration_seconds"] = seconds
+        row["time/tokens_per_s"] = float(stats.get("rollout/gen_length", 0)) * self.model.n_envs / max(seconds, 1e-9)
+        if self.eval_env is not None and self.eval_every and (iteration % self.eval_every == 0 or iteration == self.iters):
+            row.update(self._evaluate())
+        self.rows = [r for r in self.rows if int(r["iteration"]) < iteration] + [row]
+        write_metrics(self.out / "metrics.csv", self.rows)
+        for key, value in row.items():
+            if key.startswith("eval/"):
+                self.model.logger.record(key, value)
+        if iteration % self.save_every == 0 or iteration >= self.iters:
+            save_checkpoint(self.model, self.out)
+        plot_curves(read_metrics(self.out / METRICS), self.out / "curves.png", title=str(self.out))
+        self._report(row)
+
+    def _evaluate(self) -> dict[str, float]:
+        result = evaluate(self.model.policy, self.eval_env)
+        lines = [f"  eval: sentiment {result.sentiment:+.3f}  perplexity {result.perplexity:.2f}  "
+                 f"distinct-1/2 {result.distinct_1:.3f}/{result.distinct_2:.3f}"]
+        for prompt, continuation in list(zip(result.prompts, result.continuations))[: self.n_samples]:
+            lines.append(f"    ...{prompt[-60:]!r} -> {continuation!r}")
+        tqdm.write("\n".join(lines))
+        return result.metrics()
+
+    def _report(self, row: dict[str, object]) -> None:
+        def fmt(key: str, spec: str = "+.3f") -> str:
+            value = row.get(key)
+            return "-" if value is None else format(float(value), spec)
+
+        if self.bar is not None:
+            self.bar.set_postfix(reward=fmt("rollout/task_reward"), kl=fmt("rollout/kl_analytic", ".3f"))
+            self.bar.update(int(row["iteration"]) - self.bar.n)
+        tqdm.write(
+            f"iter {row['iteration']:>3}  reward {fmt('rollout/task_reward')}  KL {fmt('rollout/kl_analytic', '.3f')}  "
+            f"beta {fmt('rollout/kl_coef', '.4f')}  pg {fmt('train/policy_gradient_loss', '+.4f')}  "
+            f"vf {fmt('train/value_loss', '.4f')}  kl_loss {fmt('train/kl_loss', '.4f')}  "
+            f"clip {fmt('train/clip_fraction', '.3f')}  approx_kl {fmt('train/approx_kl', '.4f')}  "
+            f"ev {fmt('train/explained_variance', '+.2f')}  {fmt('time/tokens_per_s', '.1f')} tok/s"
+        )

@@ -1,0 +1,36 @@
+"""Training curves from metrics.csv as one PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = (
+    ("rollout/task_reward", "task reward (sentiment)"),
+    ("rollout/kl_analytic", "KL(pi || pi_ref) per sequence"),
+    ("rollout/kl_coef", "beta"),
+    ("eval/sentiment", "eval sentiment"),
+    ("eval/perplexity", "eval perplexity under pi_ref"),
+    ("eval/distinct_2", "eval distinct-2"),
+)
+
+
+def plot_curves(rows: list[dict[str, str]], path: Path, title: str = "") -> None:
+    """One panel per metric against the iteration; missing values are skipped."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, label) in zip(axes.flat, PANELS):
+        points = [(int(row["iteration"]), float(row[key])) for row in rows if row.get(key) not in (None, "")]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,130 @@
+"""An SB3 policy wrapping a Hugging Face causal LM (the actor) with a value head.
+
+Value function: V(s_t) = MLP(stopgrad(h_t)), where h_t is the LM's final hidden state at the last
+token of s_t (the same state that produces the logits of a_t). Sharing the trunk costs no extra
+forward pass, which matters on CPU (a separate critic LM would double every forward), and the
+stop-gradient keeps the value loss from pulling on the language model: the LM is moved only by
+the policy objective and the KL terms, so ``vf_coef`` never trades reward against value fit.
+The head has its own (larger, constant) learning rate ``vf_learning_rate``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+
+from lmgym.assets import load_causal_lm
+from lmgym.decoding import position_ids_from_mask
+
+
+class CausalLMPolicy(BasePolicy):
+    """Actor: a causal LM's next-token distribution; critic: an MLP head on its hidden state."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Discrete,
+        lr_schedule: Schedule,
+        model: str = "smollm2-135m",
+        value_hidden_size: int = 256,
+        vf_learning_rate: float = 1e-4,
+        use_sde: bool = False,
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ):
+        if use_sde:
+            raise ValueError("use_sde is not supported by CausalLMPolicy (discrete token actions)")
+        super().__init__(
+            observation_space,
+            action_space,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs or {"weight_decay": 0.0},
+        )
+        self.model_spec = model
+        self.value_hidden_size = value_hidden_size
+        self.vf_learning_rate = vf_learning_rate
+        self.lm, _ = load_causal_lm(model)
+        vocab = self.lm.get_output_embeddings().weight.shape[0]
+        if vocab != action_space.n:
+            raise ValueError(
+                f"model {model!r} has {vocab} output logits but the environment's action space has "
+                f"{action_space.n} tokens: the policy and the reference model must share one vocabulary"
+            )
+        hidden = self.lm.config.get_text_config().hidden_size
+        self.value_head = nn.Sequential(nn.Linear(hidden, value_hidden_size), nn.Tanh(), nn.Linear(value_hidden_size, 1))
+        nn.init.zeros_(self.value_head[-1].weight)
+        nn.init.zeros_(self.value_head[-1].bias)
+        self.optimizer = self.optimizer_class(
+            [
+                {"params": self.lm.parameters()},
+                {"params": self.value_head.parameters(), "lr": vf_learning_rate, "fixed_lr": True},
+            ],
+            lr=lr_schedule(1),
+            **self.optimizer_kwargs,
+        )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(model=self.model_spec, value_hidden_size=self.value_hidden_size, vf_learning_rate=self.vf_learning_rate)
+        return data
+
+    def set_training_mode(self, mode: bool) -> None:
+        """Dropout stays off in the LM: PPO ratios need the sampling distribution, not a noisy one."""
+        super().set_training_mode(mode)
+        self.lm.eval()
+
+    def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V(s) from final hidden states [..., H] (gradient stopped into the LM) -> [...]."""
+        return self.value_head(hidden.detach().float()).squeeze(-1)
+
+    def sequence_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_actions: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V] for the last ``n_actions`` tokens of each row and V(s_t) [B, T].
+
+        Token ``input_ids[:, L - T + t]`` is action t, so its logits come from position L - T + t - 1.
+        """
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=True,
+            logits_to_keep=n_actions + 1,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1].float()
+        hidden = out.hidden_states[-1][:, -n_actions - 1 : -1]
+        return logits, self.values_from_hidden(hidden)
+
+    def _last_position(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, attention = obs["input_ids"].long(), obs["attention_mask"].long()
+        out = self.lm(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=position_ids_from_mask(attention),
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        return out.logits[:, -1].float(), self.values_from_hidden(out.hidden_states[-1][:, -1])
+
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, values = self._last_position(obs)
+        dist = torch.distributions.Categorical(logits=logits)
+        actions = logits.argmax(-1) if deterministic else dist.sample()
+        return actions, values, dist.log_prob(actions)
+
+    def evaluate_actions(self, obs: PyTorchObs, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, values = self._last_position(obs)
+        dist = torch.distributions.Categorical(logits=logits)
+        return values, dist.log_prob(actions.long().flatten()), dist.entropy()
+
+    def predict_values(self, obs: PyTorchObs) -> torch.Tensor:
+        return self._last_position(obs)[1].unsqueeze(-1)
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> torch.Tensor:
+        return self.forward(observation, deterministic)[0]
