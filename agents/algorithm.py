@@ -99,7 +99,7 @@ class PPOKL(PPO):
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         if env is not None and n_steps is None:
-            n_steps = int(self._wrap_env(env).get_attr("max_new_tokens")[0])
+            n_steps = self._wrap_env(env).max_new_tokens
         self.kl_coef = kl_coef
         self.kl_target = kl_target
         self.kl_horizon = kl_horizon
@@ -150,15 +150,18 @@ class PPOKL(PPO):
         )
 
     def _setup_model(self) -> None:
+        """SB3's set-up; the KL controller and iteration count survive ``load`` (SB3 restores the
+        saved attributes before calling this)."""
         super()._setup_model()
-        self.kl_controller = (
-            kl_estimators.FixedKLController(self.kl_coef)
-            if self.kl_target is None
-            else kl_estimators.AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
-        )
-        self._needs_reset = False
-        self.n_iterations = 0
-        self.rollout_stats: dict[str, float] = {}
+        if not hasattr(self, "kl_controller"):
+            self.kl_controller = (
+                kl_estimators.FixedKLController(self.kl_coef)
+                if self.kl_target is None
+                else kl_estimators.AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
+            )
+        self.n_iterations: int = getattr(self, "n_iterations", 0)
+        self.rollout_stats: dict[str, float] = getattr(self, "rollout_stats", {})
+        self._needs_reset = True
 
     def _update_learning_rate(self, optimizers: list[torch.optim.Optimizer] | torch.optim.Optimizer) -> None:
         """SB3's schedule for the LM; the value head keeps its constant ``vf_learning_rate``."""
@@ -300,7 +303,7 @@ class PPOKL(PPO):
                         + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                     )
                 for key, value in losses.items():
-                    history.setdefault(key, []).append(float(value))
+                    history.setdefault(key, []).append(value.item())
                 if self.target_kl is not None and float(losses["approx_kl"]) > 1.5 * self.target_kl:
                     continue_training = False
                     break

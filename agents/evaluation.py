@@ -47,8 +47,7 @@ def evaluate(policy: CausalLMPolicy, env: LMGymVecEnv, seed: int = 12345) -> Eva
     continuations: list[str] = [""] * n
     sentiments = torch.zeros(n)
     ref_logprob_sum, n_tokens = 0.0, 0
-    max_steps = int(env.get_attr("max_new_tokens")[0])
-    for step in sample_episodes(policy, env, prompt_ids, prompt_mask, max_steps):
+    for step in sample_episodes(policy, env, prompt_ids, prompt_mask, env.max_new_tokens):
         ref_logprob_sum += float((step.ref_logprobs * step.active).sum())
         n_tokens += int(step.active.sum())
         for i in torch.nonzero(step.active & torch.as_tensor(step.dones)).flatten().tolist():

@@ -28,9 +28,9 @@ class LMGymVecEnv(VecEnv):
         mode = vector_env.metadata.get("autoreset_mode")
         if mode not in (AutoresetMode.SAME_STEP, AutoresetMode.SAME_STEP.value):
             raise ValueError(f"LMGymVecEnv needs a vector env with autoreset_mode=SAME_STEP, got {mode!r}")
-        super().__init__(vector_env.num_envs, vector_env.single_observation_space, vector_env.single_action_space)
         self.venv = vector_env
-        self.render_mode = getattr(vector_env, "render_mode", None)
+        super().__init__(vector_env.num_envs, vector_env.single_observation_space, vector_env.single_action_space)
+        self.max_new_tokens = int(vector_env.task.max_new_tokens)
         self._actions: np.ndarray | None = None
         self.current_ref_logits: np.ndarray | None = None  # [N, V] pi_ref logits at the current obs
         self._episode_lengths = np.zeros(self.num_envs, dtype=np.int64)
