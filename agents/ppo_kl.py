@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import gymnasium as gym
-import torch
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.logger import configure
 
-import lmgym
+import lmgym  # noqa: F401  (registers IMDBContinuation-v0)
+from lmgym.assets import AssetUnavailableError
 from agents.algorithm import PPOKL
 from agents.checkpoint import CHECKPOINT, METRICS, read_metrics, write_metrics
 from agents.config import Args, parse_args
@@ -64,11 +64,8 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
 
 
 def build_model(args: Args, env: LMGymVecEnv, out: Path) -> PPOKL:
-    checkpoint = out / CHECKPOINT
     if args.resume:
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
-        model = PPOKL.load(checkpoint, env=env, device=args.device)
+        model = PPOKL.load(out / CHECKPOINT, env=env, device=args.device)
         rows = [row for row in read_metrics(out / METRICS) if int(row["iteration"]) <= model.n_iterations]
         write_metrics(out / METRICS, rows)
         return model
@@ -98,7 +95,9 @@ def build_model(args: Args, env: LMGymVecEnv, out: Path) -> PPOKL:
 
 
 def check_out_dir(args: Args, out: Path) -> None:
-    """Refuse to overwrite a previous run unless resuming it."""
+    """Refuse to overwrite a previous run unless resuming it; refuse to resume nothing."""
+    if args.resume and not (out / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / CHECKPOINT}")
     if not args.resume and ((out / CHECKPOINT).exists() or (out / METRICS).exists()):
         raise FileExistsError(f"--out {out} already holds a run: pass --resume to continue it or choose another --out")
 
@@ -124,10 +123,9 @@ def train(args: Args) -> PPOKL:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     try:
         train(args)
-    except (FileExistsError, FileNotFoundError, ValueError, FloatingPointError, lmgym.AssetUnavailableError) as error:
+    except (FileExistsError, FileNotFoundError, ValueError, FloatingPointError, AssetUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
