@@ -1,0 +1,78 @@
+"""Incremental decoding of a left-padded batch with a causal LM and its KV cache.
+
+With left padding, row ``b`` of ``input_ids`` is ``[pad]*k_b + tokens_b``. The model must see
+``tokens_b`` at positions ``0, 1, ...`` and never attend to the pads; then its next-token logits
+equal those of an unpadded forward over ``tokens_b`` alone. Positions come from the attention mask:
+``position_ids = cumsum(mask) - 1`` (clamped at 0 on the pads, whose outputs are never used).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` mask -> ``[B, L]`` long positions: ``cumsum(mask) - 1`` clamped at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor  # [B, V] float32 next-token logits at the last position
+    hidden: torch.Tensor | None  # [B, H] final-layer hidden state at the last position, or None
+
+
+class IncrementalDecoder:
+    """Runs a causal LM over a left-padded batch, carrying its KV cache across steps.
+
+    ``prefill`` encodes the whole prefix once; each ``append`` feeds one new token per row and
+    costs one forward of length 1. Both run under ``torch.no_grad()`` (not inference mode, so
+    callers may reuse the returned tensors in autograd).
+    """
+
+    def __init__(self, model: PreTrainedModel, output_hidden: bool = False):
+        self.model = model
+        self.output_hidden = output_hidden
+        # transformers >= 5.24 names the cache argument `cache`; earlier versions `past_key_values`.
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self.cache: DynamicCache | None = None
+        self.attention_mask: torch.Tensor | None = None  # [B, cached length + appended]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecoderOutput:
+        """Encode a ``[B, L]`` left-padded batch, store its cache, return the output at position L-1."""
+        self.attention_mask = attention_mask.to(self.device, torch.long)
+        self.cache = DynamicCache(config=self.model.config)
+        return self._forward(input_ids.to(self.device), position_ids_from_mask(self.attention_mask))
+
+    @torch.no_grad()
+    def append(self, token_ids: torch.Tensor) -> DecoderOutput:
+        """Feed one ``[B]`` token per row (all unmasked) using the cache; return the new output."""
+        if self.cache is None:
+            raise RuntimeError("call prefill() before append()")
+        positions = self.attention_mask.sum(-1, keepdim=True)  # next position of each row
+        ones = torch.ones_like(positions)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
+        return self._forward(token_ids.to(self.device).view(-1, 1), positions)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> DecoderOutput:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self._cache_kwarg: self.cache},
+            output_hidden_states=self.output_hidden,
+            logits_to_keep=1,
+        )
+        hidden = out.hidden_states[-1][:, -1].float() if self.output_hidden else None
+        return DecoderOutput(logits=out.logits[:, -1].float(), hidden=hidden)

@@ -1,0 +1,77 @@
+"""IMDBContinuation: continue a movie-review prompt one token at a time, rewarded for positive sentiment.
+
+Observation: the prompt and the tokens generated so far, left-padded to
+``max_prompt_tokens + max_new_tokens`` (``input_ids`` and ``attention_mask``).
+Action: the next token id. An episode terminates when the agent writes EOS and is truncated after
+``max_new_tokens`` tokens. The reward is 0 until the last step, where it is the reward model's
+score of the continuation.
+
+``info`` after ``reset`` and every ``step``:
+
+- ``ref_logits``: float32 ``(vocab,)`` next-token logits of the frozen reference model at the
+  returned observation, so an agent can compute any KL estimator against ``pi_ref``;
+- ``ref_logprob`` (``step`` only): ``log pi_ref(action | previous observation)``;
+- ``prompt`` (``reset`` and the last step), ``continuation`` and ``sentiment`` (last step).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from lmgym.decoding import IncrementalDecoder
+from lmgym.task import ContinuationTask, log_prob
+
+
+class IMDBContinuationEnv(gym.Env):
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(self, render_mode: str | None = None, **task_kwargs):
+        """Keyword arguments are those of ``lmgym.task.ContinuationTask`` (model, ref_model, ...)."""
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.render_mode = render_mode
+        self.task = ContinuationTask(**task_kwargs)
+        self.observation_space = self.task.observation_space
+        self.action_space = self.task.action_space
+        self.decoder = IncrementalDecoder(self.task.ref_model)
+        self.prompt = ""
+        self.tokens: list[int] = []
+        self.generated: list[int] = []
+        self.ref_logits: torch.Tensor | None = None
+        self.done = True
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {key: value[0] for key, value in self.task.observation([self.tokens]).items()}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.prompt, self.tokens = self.task.sample_prompt(self.np_random)
+        self.generated = []
+        self.ref_logits = self.decoder.prefill(*self.task.batch([self.tokens])).logits[0]
+        self.done = False
+        return self._obs(), {"ref_logits": self.ref_logits.cpu().numpy(), "prompt": self.prompt}
+
+    def step(self, action):
+        if self.done:
+            raise RuntimeError("the episode has ended: call reset() before step()")
+        action = self.task.check_action(action)
+        ref_logprob = log_prob(self.ref_logits, torch.tensor(action)).item()
+        self.tokens.append(action)
+        self.generated.append(action)
+        self.ref_logits = self.decoder.append(torch.tensor([action])).logits[0]
+        terminated, truncated = self.task.episode_end(action, len(self.generated))
+        self.done = terminated or truncated
+        reward = 0.0
+        info = {"ref_logits": self.ref_logits.cpu().numpy(), "ref_logprob": ref_logprob}
+        if self.done:
+            continuation = self.task.decode(self.generated)
+            reward = float(self.task.score([continuation])[0])
+            info.update(prompt=self.prompt, continuation=continuation, sentiment=reward)
+        return self._obs(), reward, terminated, truncated, info
+
+    def render(self):
+        if self.render_mode == "ansi":
+            return self.prompt + self.task.decode(self.generated)
+        return None

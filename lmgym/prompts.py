@@ -1,0 +1,81 @@
+"""Prompt sets: movie-review openings the agent continues.
+
+``spec`` is one of
+
+- ``"bundled"``: ``lmgym/data/prompts.txt``, one prompt per line (works offline);
+- ``"stanfordnlp/imdb"`` or ``"imdb"``: the IMDB reviews via ``datasets.load_dataset`` (needs the
+  Hub or a local ``datasets`` cache); ``split`` is passed through (``"train"``, ``"test"``, ...);
+- a local ``.csv``, ``.json``, ``.jsonl`` or ``.parquet`` file with a ``text`` column.
+
+Held-out split for the bundled file and local files: ``split="test"`` is every 10th row (rows
+0, 10, 20, ...), ``split="train"`` the other rows, so the two never overlap and are deterministic.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from lmgym.assets import hub_unavailable
+
+BUNDLED = "bundled"
+HF_IMDB = ("stanfordnlp/imdb", "imdb")
+_LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_HELD_OUT_EVERY = 10
+
+
+def clean(text: str) -> str:
+    """Replace ``<br />`` tags by spaces and collapse runs of whitespace."""
+    return " ".join(re.sub(r"<br\s*/?>", " ", text).split())
+
+
+def held_out_split(rows: list[str], split: str) -> list[str]:
+    """``"test"``: every 10th row from the first; ``"train"``: the rest."""
+    if split == "test":
+        return rows[::_HELD_OUT_EVERY]
+    if split == "train":
+        return [row for i, row in enumerate(rows) if i % _HELD_OUT_EVERY]
+    raise ValueError(f"split must be 'train' or 'test' for bundled prompts and local files, got {split!r}")
+
+
+def _read_text_column(builder: str, data_files: str | None, split: str, spec: str) -> list[str]:
+    import datasets
+
+    try:
+        if data_files is None:
+            data = datasets.load_dataset(builder, split=split)
+        else:
+            data = datasets.load_dataset(builder, data_files=data_files, split="train")
+    except (OSError, ConnectionError) as error:
+        if data_files is not None:
+            raise
+        raise hub_unavailable(spec, error) from error
+    if "text" not in data.column_names:
+        raise ValueError(f"{spec!r} has no 'text' column (columns: {data.column_names})")
+    return list(data["text"])
+
+
+def load_prompts(spec: str = BUNDLED, split: str = "train", max_prompts: int | None = None) -> list[str]:
+    """Cleaned, non-empty prompts of ``spec`` (see the module docstring), at most ``max_prompts``."""
+    if spec == BUNDLED:
+        lines = resources.files("lmgym").joinpath("data/prompts.txt").read_text(encoding="utf-8").splitlines()
+        rows = held_out_split([line for line in lines if line.strip()], split)
+    elif spec in HF_IMDB:
+        rows = _read_text_column("stanfordnlp/imdb", None, split, spec)
+    elif Path(spec).suffix.lower() in _LOCAL_FORMATS:
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"prompt file {spec!r} does not exist")
+        builder = _LOCAL_FORMATS[Path(spec).suffix.lower()]
+        rows = held_out_split(_read_text_column(builder, spec, split, spec), split)
+    else:
+        raise ValueError(
+            f"unknown prompt set {spec!r}: use 'bundled', 'stanfordnlp/imdb', or a local "
+            f"{'/'.join(_LOCAL_FORMATS)} file with a 'text' column"
+        )
+    prompts = [text for text in map(clean, filter(None, rows)) if text]
+    if max_prompts is not None:
+        prompts = prompts[:max_prompts]
+    if not prompts:
+        raise ValueError(f"the prompt set {spec!r} (split {split!r}) is empty")
+    return prompts

@@ -1,0 +1,143 @@
+"""IMDBContinuation as a truly batched vector env: one reference-model forward per step for all envs.
+
+The N sequences are decoded together by an ``IncrementalDecoder`` whose KV cache is carried across
+steps, so a step costs one forward of length 1. When some sub-envs start a new episode the cache is
+rebuilt by prefilling all current (left-padded) sequences; when all start together, that is just the
+new prompts.
+
+Autoreset (``autoreset_mode``, Gymnasium's conventions, https://farama.org/Vector-Autoreset-Mode):
+
+- ``NEXT_STEP`` (default): the step after a sub-env finished resets it; its action is ignored,
+  its reward is 0 and its ``ref_logprob`` is 0.
+- ``SAME_STEP``: a finishing sub-env is reset within the step; the returned observation is the new
+  episode's first one and the finishing observation and info are in ``info["final_obs"]`` and
+  ``info["final_info"]``.
+
+Infos are dicts of arrays with ``_key`` masks: ``ref_logits`` (N, vocab) float32 at the returned
+observations and ``ref_logprob`` (N,) of the actions just taken are present for every sub-env;
+``prompt`` for sub-envs that started an episode (its new prompt) or finished one (the finished
+episode's prompt, as in the single env); ``continuation`` and ``sentiment`` for sub-envs that
+finished an episode. In ``SAME_STEP`` mode the finished episode's keys are inside ``final_info``.
+A finishing step in ``SAME_STEP`` mode costs one cached forward and one prefill.
+
+Seeding: ``reset(seed=s)`` seeds one generator (``self.np_random``) from which all sub-envs draw
+their prompts in order, so a seed fixes the whole sequence of prompts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from lmgym.decoding import IncrementalDecoder
+from lmgym.task import ContinuationTask, log_prob
+
+
+class IMDBContinuationVectorEnv(VectorEnv):
+    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        render_mode: str | None = None,
+        **task_kwargs,
+    ):
+        """Keyword arguments besides these are those of ``lmgym.task.ContinuationTask``."""
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        autoreset_mode = AutoresetMode(autoreset_mode)
+        if autoreset_mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
+            raise ValueError(f"autoreset_mode must be NEXT_STEP or SAME_STEP, got {autoreset_mode}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.num_envs = num_envs
+        self.autoreset_mode = autoreset_mode
+        self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
+        self.render_mode = render_mode
+        self.task = ContinuationTask(**task_kwargs)
+        self.single_observation_space = self.task.observation_space
+        self.single_action_space = self.task.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.decoder = IncrementalDecoder(self.task.ref_model)
+        self.prompts = [""] * num_envs
+        self.tokens: list[list[int]] = [[] for _ in range(num_envs)]
+        self.num_generated = np.zeros(num_envs, dtype=np.int64)
+        self.needs_reset = np.zeros(num_envs, dtype=bool)
+        self.ref_logits: torch.Tensor | None = None
+
+    def _generated(self, i: int) -> list[int]:
+        return self.tokens[i][len(self.tokens[i]) - self.num_generated[i] :]
+
+    def _start_episodes(self, envs: np.ndarray, infos: dict) -> dict:
+        """Draw new prompts for the sub-envs where ``envs`` is True and re-encode all sequences."""
+        for i in np.flatnonzero(envs):
+            self.prompts[i], self.tokens[i] = self.task.sample_prompt(self.np_random)
+            self.num_generated[i] = 0
+            infos = self._add_info(infos, {"prompt": self.prompts[i]}, i)
+        self.ref_logits = self.decoder.prefill(*self.task.batch(self.tokens)).logits
+        return infos
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.needs_reset[:] = False
+        infos = self._start_episodes(np.ones(self.num_envs, dtype=bool), {})
+        infos["ref_logits"] = self.ref_logits.cpu().numpy()
+        return self.task.observation(self.tokens), infos
+
+    def step(self, actions):
+        if self.ref_logits is None:
+            raise RuntimeError("call reset() before step()")
+        actions = np.asarray(actions).reshape(self.num_envs)
+        restarting, active = self.needs_reset, ~self.needs_reset
+        actions = np.array([self.task.check_action(a) if on else self.task.pad_id for a, on in zip(actions, active)])
+        self.needs_reset = np.zeros(self.num_envs, dtype=bool)
+        action_ids = torch.from_numpy(actions).to(self.ref_logits.device)
+        ref_logprob = np.where(active, log_prob(self.ref_logits, action_ids).cpu().numpy(), 0.0).astype(np.float32)
+        for i in np.flatnonzero(active):
+            self.tokens[i].append(int(actions[i]))
+        self.num_generated[active] += 1
+
+        infos: dict = {}
+        if restarting.any():
+            infos = self._start_episodes(restarting, infos)
+        else:
+            self.ref_logits = self.decoder.append(action_ids).logits
+        ended = [self.task.episode_end(int(a), n) for a, n in zip(actions, self.num_generated)]
+        terminated = active & np.array([t for t, _ in ended])
+        truncated = active & np.array([t for _, t in ended])
+        done = terminated | truncated
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        infos.update(ref_logits=self.ref_logits.cpu().numpy(), ref_logprob=ref_logprob)
+        observations = self.task.observation(self.tokens)
+        if not done.any():
+            return observations, rewards, terminated, truncated, infos
+
+        finished = np.flatnonzero(done)
+        continuations = [self.task.decode(self._generated(i)) for i in finished]
+        rewards[finished] = self.task.score(continuations)
+        endings = {
+            i: {"prompt": self.prompts[i], "continuation": text, "sentiment": float(rewards[i])}
+            for i, text in zip(finished, continuations)
+        }
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            self.needs_reset = done
+            for i, ending in endings.items():
+                infos = self._add_info(infos, ending, i)
+            return observations, rewards, terminated, truncated, infos
+
+        for i, ending in endings.items():
+            final_obs = {key: value[i] for key, value in observations.items()}
+            final_info = {"ref_logits": infos["ref_logits"][i], "ref_logprob": float(ref_logprob[i]), **ending}
+            infos = self._add_info(infos, {"final_obs": final_obs, "final_info": final_info}, i)
+        infos = self._start_episodes(done, infos)
+        infos["ref_logits"] = self.ref_logits.cpu().numpy()
+        return self.task.observation(self.tokens), rewards, terminated, truncated, infos
+
+    def render(self):
+        if self.render_mode == "ansi":
+            return tuple(self.prompts[i] + self.task.decode(self._generated(i)) for i in range(self.num_envs))
+        return None

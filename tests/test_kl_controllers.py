@@ -1,0 +1,57 @@
+"""KL-coefficient controllers: the Ziegler et al. (2019) proportional update."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kl_estimators import AdaptiveKLController, FixedKLController
+
+positive = st.floats(1e-3, 1e3)
+
+
+@settings(deadline=None, max_examples=50)
+@given(coef=st.floats(0, 10), kl=st.floats(0, 100), n_steps=st.integers(0, 10_000))
+def test_fixed_controller_never_changes(coef, kl, n_steps):
+    controller = FixedKLController(coef)
+    assert controller.update(kl, n_steps) == coef
+    assert controller.value == coef
+
+
+@settings(deadline=None, max_examples=100)
+@given(beta=positive, target=positive, horizon=positive, kl=st.floats(0, 1e4), n_steps=st.integers(0, 100))
+def test_adaptive_controller_follows_proportional_rule(beta, target, horizon, kl, n_steps):
+    controller = AdaptiveKLController(beta, target, horizon)
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    expected = beta * (1 + error * n_steps / horizon)
+    assert controller.update(kl, n_steps) == pytest.approx(expected, rel=1e-12)
+    assert controller.value == pytest.approx(expected, rel=1e-12)
+
+
+def test_adaptive_controller_moves_beta_towards_target():
+    controller = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10_000)
+    assert controller.update(current_kl=12.0, n_steps=256) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
+    above = controller.value
+    assert controller.update(current_kl=6.0, n_steps=256) == pytest.approx(above)
+    assert controller.update(current_kl=5.4, n_steps=256) == pytest.approx(above * (1 - 0.1 * 256 / 10_000))
+    assert controller.update(current_kl=0.0, n_steps=10_000) == pytest.approx(controller.value)
+    assert controller.value < above
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: FixedKLController(-0.1), "kl_coef"),
+        (lambda: AdaptiveKLController(-0.1, 6.0, 10_000), "init_kl_coef"),
+        (lambda: AdaptiveKLController(0.1, 0.0, 10_000), "target"),
+        (lambda: AdaptiveKLController(0.1, -1.0, 10_000), "target"),
+        (lambda: AdaptiveKLController(0.1, 6.0, 0), "horizon"),
+        (lambda: AdaptiveKLController(0.1, 6.0, -5), "horizon"),
+        (lambda: AdaptiveKLController(0.1, 6.0, 10).update(float("nan"), 1), "current_kl"),
+        (lambda: AdaptiveKLController(0.1, 6.0, 10).update(1.0, -1), "n_steps"),
+    ],
+)
+def test_bad_arguments_raise(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()

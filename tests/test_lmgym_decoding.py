@@ -1,0 +1,88 @@
+"""IncrementalDecoder: logits of a left-padded, cached batch equal unpadded full forwards."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmgym.assets import load_causal_lm
+from lmgym.decoding import IncrementalDecoder, position_ids_from_mask
+from lmgym.task import left_pad
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny_model(request, tiny_lm_path, tiny_gpt2_path):
+    model, tokenizer = load_causal_lm({"llama": tiny_lm_path, "gpt2": tiny_gpt2_path}[request.param])
+    return model, tokenizer
+
+
+def full_forward(model, tokens, output_hidden=False):
+    """Last-position logits (and final hidden state) of one unpadded sequence."""
+    with torch.no_grad():
+        out = model(torch.tensor([tokens]), output_hidden_states=output_hidden)
+    return out.logits[0, -1], (out.hidden_states[-1][0, -1] if output_hidden else None)
+
+
+def decode_batch(model, pad_id, prompts, continuations, output_hidden=False):
+    """Prefill ``prompts`` then append ``continuations`` column by column; check every step."""
+    decoder = IncrementalDecoder(model, output_hidden=output_hidden)
+    ids, mask = left_pad(prompts, max(map(len, prompts)), pad_id)
+    out = decoder.prefill(torch.from_numpy(ids), torch.from_numpy(mask))
+    sequences = [list(p) for p in prompts]
+    for step in range(len(continuations[0]) + 1):
+        for row, tokens in enumerate(sequences):
+            logits, hidden = full_forward(model, tokens, output_hidden)
+            torch.testing.assert_close(out.logits[row], logits, atol=1e-4, rtol=1e-4)
+            if output_hidden:
+                torch.testing.assert_close(out.hidden[row], hidden, atol=1e-4, rtol=1e-4)
+        if step == len(continuations[0]):
+            break
+        column = [c[step] for c in continuations]
+        for tokens, token in zip(sequences, column):
+            tokens.append(token)
+        out = decoder.append(torch.tensor(column))
+    assert out.logits.dtype == torch.float32
+
+
+def test_position_ids_from_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    expected = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
+    assert torch.equal(position_ids_from_mask(mask), expected)
+
+
+@pytest.mark.parametrize("output_hidden", [False, True])
+def test_cached_left_padded_logits_equal_full_forward(tiny_model, output_hidden):
+    model, tokenizer = tiny_model
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
+    continuations = [[20, 21, 22, 23], [30, 31, 32, 33], [40, 41, 42, 43]]
+    decode_batch(model, tokenizer.pad_token_id, prompts, continuations, output_hidden)
+    out = IncrementalDecoder(model).prefill(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long))
+    assert out.hidden is None
+
+
+def test_positions_matter(tiny_model):
+    """The check above has power: the same tokens at shifted positions give different logits."""
+    model, tokenizer = tiny_model
+    padded = torch.tensor([[tokenizer.pad_token_id] * 3 + [5, 6, 7]])
+    shifted = model(padded).logits[0, -1]  # pads attended and positions shifted
+    assert not torch.allclose(shifted, full_forward(model, [5, 6, 7])[0], atol=1e-3)
+
+
+def test_append_before_prefill_raises(tiny_model):
+    with pytest.raises(RuntimeError, match="prefill"):
+        IncrementalDecoder(tiny_model[0]).append(torch.tensor([1]))
+
+
+@settings(deadline=None, max_examples=10)
+@given(
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    steps=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_random_batches(tiny_lm_path, lengths, steps, seed):
+    model, tokenizer = load_causal_lm(tiny_lm_path)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+    prompts = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+    continuations = [torch.randint(0, vocab, (steps,), generator=generator).tolist() for _ in lengths]
+    decode_batch(model, tokenizer.pad_token_id, prompts, continuations)
