@@ -9,7 +9,7 @@ Compares, for N sequences of ``max_new_tokens`` random tokens each:
 
 Prints a Markdown table; "env steps/s" counts each sub-env step.
 
-    python bench/bench_env.py [--num-envs 16] [--max-new-tokens 48] [--episodes 1] [--naive-samples 6]
+    python bench/bench_env.py [--num-envs 16] [--max-new-tokens 48] [--episodes 1] [--naive-samples 6] [--threads 1]
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--episodes", type=int, default=1, help="episodes of max-new-tokens steps per setting")
     parser.add_argument("--naive-samples", type=int, default=6, help="steps timed for the naive baseline")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     model, tokenizer = load_causal_lm()
     shared = dict(ref_model=model, tokenizer=tokenizer, prompts=load_prompts(), max_new_tokens=args.max_new_tokens)
