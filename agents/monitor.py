@@ -58,6 +58,9 @@ class TrainingMonitor(BaseCallback):
     def _on_training_start(self) -> None:
         self._seen_iterations = self.model.n_iterations
         self.bar = tqdm(total=self.iters, initial=self._seen_iterations, desc="PPO-KL", unit="iter", dynamic_ncols=True)
+        if self.eval_env is not None and self.eval_every and not self.rows:
+            self.rows = [{"iteration": 0, "timesteps": 0, **self._evaluate()}]  # the untrained policy
+            write_metrics(self.out / METRICS, self.rows)
 
     def _on_rollout_start(self) -> None:
         self._finish_iteration()

@@ -18,6 +18,14 @@ PANELS = (
 )
 
 
+SMOOTHING = 5
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each point (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
 def plot_curves(rows: list[dict[str, str]], path: Path, title: str = "") -> None:
     """One panel per metric against the iteration; missing values are skipped."""
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
@@ -25,7 +33,10 @@ def plot_curves(rows: list[dict[str, str]], path: Path, title: str = "") -> None
         points = [(int(row["iteration"]), float(row[key])) for row in rows if row.get(key) not in (None, "")]
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3)
+            ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, alpha=0.5 if len(points) > 10 else 1)
+            if len(points) > 10:
+                ax.plot(xs, moving_average(ys, SMOOTHING), color="C3", label=f"mean of last {SMOOTHING}")
+                ax.legend(fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

@@ -33,7 +33,7 @@ def test_cli_runs_analytic_grad_writes_outputs_and_resumes(tiny_lm_path, tmp_pat
     for name in ("metrics.csv", "checkpoint.zip", "curves.png", "args.json"):
         assert (out / name).is_file(), name
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("iteration,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert rows[0].startswith("iteration,") and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
     assert "eval/sentiment" in rows[0]
 
     resumed = subprocess.run(
@@ -41,7 +41,7 @@ def test_cli_runs_analytic_grad_writes_outputs_and_resumes(tiny_lm_path, tmp_pat
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
 
 
 def test_help_documents_every_flag(capsys):
