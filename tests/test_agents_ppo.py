@@ -153,3 +153,12 @@ def test_same_seed_gives_identical_first_iteration(tiny_lm_path):
     first.pop("time/rollout_tokens_per_s"), again.pop("time/rollout_tokens_per_s"), other.pop("time/rollout_tokens_per_s")
     assert first == again
     assert first != other
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error(tiny_lm_path):
+    model = make_model(tiny_lm_path, analytic_grad=True)
+    one_rollout(model)
+    with torch.no_grad():
+        model.policy.value_head[0].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite PPO loss"):
+        model.train()
