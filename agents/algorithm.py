@@ -81,7 +81,7 @@ class PPOKL(PPO):
         kl_reward: str = "k1",
         analytic_grad: bool = False,
         kl_loss: str | None = None,
-        kl_chunk_size: int | None = 256,
+        kl_chunk_size: int | None = 64,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
