@@ -35,6 +35,8 @@ def test_cli_runs_analytic_grad_writes_outputs_and_resumes(tiny_lm_path, tmp_pat
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("iteration,") and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
     assert "eval/sentiment" in rows[0]
+    assert (out / "sb3_logs" / "progress.csv").is_file()  # SB3's own CSV and TensorBoard loggers
+    assert list((out / "sb3_logs").glob("events.out.tfevents.*"))
 
     resumed = subprocess.run(
         command + tiny_run_flags(tiny_lm_path, out, 3) + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True

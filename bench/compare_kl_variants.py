@@ -1,0 +1,64 @@
+"""The seed's four variants, analytic KL gradient on/off x analytic KL reward on/off, on one config.
+
+Each variant is one ``python -m agents.ppo_kl`` run (same seed, same prompts) in
+``OUT/<variant>``; a finished run (its metrics.csv has the last iteration) is reused. Prints a
+Markdown table of mean task reward and mean analytic KL per third of training, and the final
+held-out evaluation.
+
+    python bench/compare_kl_variants.py [--config configs/demo.yaml] [--out runs/variants] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+VARIANTS = {
+    "k1 reward (RL4LMs)": ["--kl-reward", "k1"],
+    "analytic reward": ["--kl-reward", "analytic"],
+    "k1 reward + analytic grad": ["--kl-reward", "k1", "--analytic-grad"],
+    "analytic reward + analytic grad": ["--kl-reward", "analytic", "--analytic-grad"],
+}
+
+
+def run(config: Path, out: Path, seed: int, flags: list[str], iters: int) -> list[dict[str, str]]:
+    metrics = out / "metrics.csv"
+    rows = list(csv.DictReader(metrics.open())) if metrics.exists() else []
+    if not rows or int(rows[-1]["iteration"]) < iters:
+        command = [sys.executable, "-m", "agents.ppo_kl", "--config", str(config), "--out", str(out), "--seed", str(seed)]
+        subprocess.run(command + flags + (["--resume"] if (out / "checkpoint.zip").exists() else []), check=True)
+        rows = list(csv.DictReader(metrics.open()))
+    return rows
+
+
+def thirds(rows: list[dict[str, str]], key: str) -> str:
+    values = [float(row[key]) for row in rows if row.get(key)]
+    size = max(len(values) // 3, 1)
+    return " / ".join(f"{statistics.mean(values[i : i + size]):.3f}" for i in range(0, size * 3, size))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    parser.add_argument("--out", type=Path, default=Path("runs/variants"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iters", type=int, default=45, help="must match the config's iters")
+    args = parser.parse_args()
+    print("| variant | task reward (thirds) | KL per sequence (thirds) | final eval sentiment | final eval perplexity |")
+    print("|---|---|---|---|---|")
+    for name, flags in VARIANTS.items():
+        slug = name.split(" (")[0].replace(" + ", "+").replace(" ", "-")
+        rows = run(args.config, args.out / slug, args.seed, flags, args.iters)
+        final = [row for row in rows if row.get("eval/sentiment")][-1]
+        print(
+            f"| {name} | {thirds(rows, 'rollout/task_reward')} | {thirds(rows, 'rollout/kl_analytic')} | "
+            f"{float(final['eval/sentiment']):.3f} | {float(final['eval/perplexity']):.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
