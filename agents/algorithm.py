@@ -161,7 +161,7 @@ class PPOKL(PPO):
             )
         self.n_iterations: int = getattr(self, "n_iterations", 0)
         self.rollout_stats: dict[str, float] = getattr(self, "rollout_stats", {})
-        self._needs_reset = True
+        self._needs_reset = False  # True after a rollout that left some env mid-episode
 
     def _update_learning_rate(self, optimizers: list[torch.optim.Optimizer] | torch.optim.Optimizer) -> None:
         """SB3's schedule for the LM; the value head keeps its constant ``vf_learning_rate``."""
