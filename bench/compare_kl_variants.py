@@ -1,6 +1,7 @@
 """The seed's four variants, analytic KL gradient on/off x analytic KL reward on/off, on one config.
 
-Each variant is one ``python -m agents.ppo_kl`` run (same seed, same prompts) in
+Each variant is one ``python -m agents.ppo_kl`` run (same seed, same prompts; the flags below
+override the config's) in
 ``OUT/<variant>``; a finished run (its metrics.csv has the last iteration) is reused. Prints a
 Markdown table of mean task reward and mean analytic KL per third of training, and the final
 held-out evaluation.
@@ -18,8 +19,8 @@ import sys
 from pathlib import Path
 
 VARIANTS = {
-    "k1 reward (RL4LMs)": ["--kl-reward", "k1"],
-    "analytic reward": ["--kl-reward", "analytic"],
+    "k1 reward (RL4LMs)": ["--kl-reward", "k1", "--no-analytic-grad"],
+    "analytic reward": ["--kl-reward", "analytic", "--no-analytic-grad"],
     "k1 reward + analytic grad": ["--kl-reward", "k1", "--analytic-grad"],
     "analytic reward + analytic grad": ["--kl-reward", "analytic", "--analytic-grad"],
 }
