@@ -98,6 +98,14 @@ class PPOKL(PPO):
             raise ValueError("analytic_grad and kl_loss both add a KL gradient term: choose one")
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        if kl_reward == "analytic" and not analytic_grad and kl_coef > 0:
+            warnings.warn(
+                "kl_reward='analytic' without analytic_grad is a biased KL gradient: KL_t(s_t) does not "
+                "depend on a_t, so the direct term E[grad KL_t] is missing and the KL is barely "
+                "penalised; add analytic_grad=True (the unbiased 'analytic-future' estimator)",
+                UserWarning,
+                stacklevel=2,
+            )
         if env is not None and n_steps is None:
             n_steps = self._wrap_env(env).max_new_tokens
         self.kl_coef = kl_coef

@@ -25,6 +25,7 @@ def one_rollout(model: PPOKL) -> None:
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
 
 
+@pytest.mark.filterwarnings("ignore:kl_reward='analytic' without analytic_grad")
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_one_iteration_runs_for_every_kl_configuration(tiny_lm_path, config):
     model = make_model(tiny_lm_path, **config)
@@ -38,6 +39,12 @@ def test_one_iteration_runs_for_every_kl_configuration(tiny_lm_path, config):
     expects_kl_term = config.get("analytic_grad") or config.get("kl_loss")
     assert (logged["train/kl_loss"] != 0) == bool(expects_kl_term)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.policy.lm.parameters()))
+
+
+def test_analytic_reward_without_analytic_grad_warns_of_its_bias(tiny_lm_path):
+    env = make_env(tiny_lm_path)
+    with pytest.warns(UserWarning, match="biased KL gradient"):
+        make_model(tiny_lm_path, env, kl_reward="analytic")
 
 
 def test_incompatible_options_are_rejected(tiny_lm_path, tiny_lm_other_vocab_path):
