@@ -26,7 +26,7 @@ def per_token_kl(
         return analytic_kl.float() * mask
     if kind in ("k1", "k2", "k3"):
         estimator = getattr(kl_estimators, kind)
-        return estimator(logprobs, ref_logprobs) * mask
+        return estimator(logprobs, ref_logprobs, mask)
     raise ValueError(f"kl_reward must be one of {KL_REWARDS}, got {kind!r}")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +38,18 @@ from agents.sampling import sample_episodes, trim_left_padding
 from agents.vec_env import LMGymVecEnv
 
 KL_LOSSES = ("k1-loss", "k2-loss", "k3-loss")
-SelfPPOKL = TypeVar("SelfPPOKL", bound="PPOKL")
+
+
+def check_kl_options(kl_reward: str, kl_loss: str | None, analytic_grad: bool, kl_coef: float) -> None:
+    """ValueError for an unknown or incompatible KL configuration (shared by PPOKL and the CLI)."""
+    if kl_reward not in KL_REWARDS:
+        raise ValueError(f"kl_reward must be one of {KL_REWARDS}, got {kl_reward!r}")
+    if kl_loss is not None and kl_loss not in KL_LOSSES:
+        raise ValueError(f"kl_loss must be one of {KL_LOSSES} or None, got {kl_loss!r}")
+    if analytic_grad and kl_loss is not None:
+        raise ValueError("analytic_grad and kl_loss both add a KL gradient term: choose one")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -90,14 +101,7 @@ class PPOKL(PPO):
         device: torch.device | str = "cpu",
         _init_setup_model: bool = True,
     ):
-        if kl_reward not in KL_REWARDS:
-            raise ValueError(f"kl_reward must be one of {KL_REWARDS}, got {kl_reward!r}")
-        if kl_loss is not None and kl_loss not in KL_LOSSES:
-            raise ValueError(f"kl_loss must be one of {KL_LOSSES} or None, got {kl_loss!r}")
-        if analytic_grad and kl_loss is not None:
-            raise ValueError("analytic_grad and kl_loss both add a KL gradient term: choose one")
-        if kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        check_kl_options(kl_reward, kl_loss, analytic_grad, kl_coef)
         if kl_reward == "analytic" and not analytic_grad and kl_coef > 0:
             warnings.warn(
                 "kl_reward='analytic' without analytic_grad is a biased KL gradient: KL_t(s_t) does not "

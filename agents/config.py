@@ -15,7 +15,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from agents.advantages import KL_REWARDS
-from agents.algorithm import KL_LOSSES
+from agents.algorithm import KL_LOSSES, check_kl_options
 
 
 def _arg(default: Any, help: str, **extra: Any) -> Any:
@@ -126,14 +126,10 @@ def validate(args: Args) -> list[str]:
     for name in ("max_prompt_tokens", "max_new_tokens", "n_envs", "iters", "n_epochs", "batch_size", "eval_prompts", "save_every"):
         if getattr(args, name) < 1:
             errors.append(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
-    if args.kl_reward not in KL_REWARDS:
-        errors.append(f"--kl-reward must be one of {KL_REWARDS}, got {args.kl_reward!r}")
-    if args.kl_loss is not None and args.kl_loss not in KL_LOSSES:
-        errors.append(f"--kl-loss must be one of {KL_LOSSES}, got {args.kl_loss!r}")
-    if args.analytic_grad and args.kl_loss:
-        errors.append("--analytic-grad and --kl-loss both add a KL gradient term: choose one")
-    if args.kl_coef < 0:
-        errors.append(f"--kl-coef must be >= 0, got {args.kl_coef}")
+    try:
+        check_kl_options(args.kl_reward, args.kl_loss, args.analytic_grad, args.kl_coef)
+    except ValueError as error:
+        errors.append(str(error))
     if args.target_kl is not None and args.target_kl <= 0:
         errors.append(f"--target-kl must be > 0, got {args.target_kl}")
     if args.eval_every < 0:

@@ -90,13 +90,13 @@ class TrainingMonitor(BaseCallback):
         if self.eval_env is not None and self.eval_every and (iteration % self.eval_every == 0 or iteration == self.iters):
             row.update(self._evaluate())
         self.rows = [r for r in self.rows if int(r["iteration"]) < iteration] + [row]
-        write_metrics(self.out / "metrics.csv", self.rows)
+        write_metrics(self.out / METRICS, self.rows)
         for key, value in row.items():
             if key.startswith("eval/"):
                 self.model.logger.record(key, value)
         if iteration % self.save_every == 0 or iteration >= self.iters:
             save_checkpoint(self.model, self.out)
-        plot_curves(read_metrics(self.out / METRICS), self.out / "curves.png", title=str(self.out))
+        plot_curves(self.rows, self.out / "curves.png", title=str(self.out))
         self._report(row)
 
     def _evaluate(self) -> dict[str, float]:

@@ -26,7 +26,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
-def plot_curves(rows: list[dict[str, str]], path: Path, title: str = "") -> None:
+def plot_curves(rows: list[dict[str, object]], path: Path, title: str = "") -> None:
     """One panel per metric against the iteration; missing values are skipped."""
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (key, label) in zip(axes.flat, PANELS):

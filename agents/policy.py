@@ -19,6 +19,7 @@ from torch import nn
 
 from lmgym.assets import load_causal_lm
 from lmgym.decoding import position_ids_from_mask
+from lmgym.task import output_vocab_size
 
 
 class CausalLMPolicy(BasePolicy):
@@ -48,7 +49,7 @@ class CausalLMPolicy(BasePolicy):
         self.value_hidden_size = value_hidden_size
         self.vf_learning_rate = vf_learning_rate
         self.lm, _ = load_causal_lm(model)
-        vocab = self.lm.get_output_embeddings().weight.shape[0]
+        vocab = output_vocab_size(self.lm)
         if vocab != action_space.n:
             raise ValueError(
                 f"model {model!r} has {vocab} output logits but the environment's action space has "
@@ -88,28 +89,24 @@ class CausalLMPolicy(BasePolicy):
 
         Token ``input_ids[:, L - T + t]`` is action t, so its logits come from position L - T + t - 1.
         """
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            output_hidden_states=True,
-            logits_to_keep=n_actions + 1,
-            use_cache=False,
-        )
+        out = self._lm_forward(input_ids, attention_mask, logits_to_keep=n_actions + 1)
         logits = out.logits[:, :-1].float()
         hidden = out.hidden_states[-1][:, -n_actions - 1 : -1]
         return logits, self.values_from_hidden(hidden)
 
-    def _last_position(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, attention = obs["input_ids"].long(), obs["attention_mask"].long()
-        out = self.lm(
-            input_ids=ids,
-            attention_mask=attention,
-            position_ids=position_ids_from_mask(attention),
+    def _lm_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
+        """One full forward over a padded batch, logits for the last ``logits_to_keep`` positions."""
+        return self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
             output_hidden_states=True,
-            logits_to_keep=1,
+            logits_to_keep=logits_to_keep,
             use_cache=False,
         )
+
+    def _last_position(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._lm_forward(obs["input_ids"].long(), obs["attention_mask"].long(), logits_to_keep=1)
         return out.logits[:, -1].float(), self.values_from_hidden(out.hidden_states[-1][:, -1])
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -50,7 +50,6 @@ def sample_episodes(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_steps: int,
-    deterministic: bool = False,
 ) -> Iterator[SampledStep]:
     """Step ``env`` (at the start of an episode in every sub-env, whose prompts are given) until
     every env has finished that episode or ``max_steps`` steps were taken."""
@@ -64,7 +63,7 @@ def sample_episodes(
             logits = out.logits.float().cpu()
             values = policy.values_from_hidden(out.hidden).cpu()
             dist = torch.distributions.Categorical(logits=logits)
-            actions = logits.argmax(-1) if deterministic else dist.sample()
+            actions = dist.sample()
             analytic_kl = kl_estimators.analytic(logits, ref_logits)
         new_obs, rewards, dones, infos = env.step(actions.numpy())
         yield SampledStep(
