@@ -84,7 +84,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _set_rng_state(tensors: Mapping[str, torch.Tensor], states: Mapping[str, Any]) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(name.startswith("rng.cuda.") for name in tensors))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     name, keys, pos, has_gauss, cached = states["numpy"]

@@ -10,8 +10,8 @@ beta = 0.32 and about 2.6 good tokens are sampled per iteration at the start), a
 rate decays linearly from 3e-3 to 0 over the 40 iterations, which averages out the stochastic
 updates' noise around the fixed point. Measured (OMP_NUM_THREADS=1) over seeds 0-29 of each
 configuration, as stand-ins for the trajectories another CPU's rounding would give: worst
-|pi(good) - 0.5| at the end 0.041 (analytic) and 0.013 (k1), worst KL(pi* || pi) / KL(pi* ||
-pi_ref) 0.023 and 0.010; and over 6 seeds each with the target 0.02 or 0.1 instead of 0.05,
+|pi(good) - 0.5| at the end 0.041 (analytic) and 0.016 (k1), worst KL(pi* || pi) / KL(pi* ||
+pi_ref) 0.023 and 0.020; and over 6 seeds each with the target 0.02 or 0.1 instead of 0.05,
 worst 0.051 and 0.031. The bounds below (0.08 and 0.05) keep at least a third of a margin.
 With a constant learning rate the end point fluctuated by +-0.11 around 0.5 from seed to seed.
 """
