@@ -34,9 +34,8 @@ setup() {
 }
 
 lock() {
-    local tmp
-    tmp="$(mktemp -d)"
-    trap 'rm -rf "$tmp"' EXIT
+    tmp="$(mktemp -d)"  # global: the EXIT trap runs after this function has returned
+    trap 'rm -rf -- "$tmp"' EXIT
     "$PYTHON" -m venv "$tmp/venv"
     install_torch "$tmp/venv/bin/python" "${TORCH_VERSION:-$(locked_torch)}"
     "$tmp/venv/bin/python" -m pip install --quiet ".[all,test]"

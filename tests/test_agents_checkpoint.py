@@ -16,8 +16,10 @@ from safetensors.torch import save_file
 
 from agents import PPOKL
 from agents.checkpoint import CheckpointError
+from agents.ppo_kl import main
 from agents.run_dir import export_policy
 from tests.agents_helpers import make_env, make_model
+from tests.test_agents_cli import tiny_run_flags
 
 
 def _rng_states():
@@ -103,6 +105,20 @@ def test_pickled_sb3_checkpoint_is_refused_without_running_it(tiny_lm_path, tmp_
     with pytest.raises(CheckpointError, match="pickle"):
         PPOKL.load(planted, env=make_env(tiny_lm_path))
     assert not marker.exists()
+
+
+def test_cli_resume_refuses_a_planted_pickle_and_keeps_the_run(tiny_lm_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "pwned"
+    _plant_sb3_zip(out / "checkpoint.safetensors", marker)
+    planted = (out / "checkpoint.safetensors").read_bytes()
+    assert main(tiny_run_flags(tiny_lm_path, out, 2) + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "pickle" in err
+    assert not marker.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors"]
+    assert (out / "checkpoint.safetensors").read_bytes() == planted
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", "safetensors without metadata"])

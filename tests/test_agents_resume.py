@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.test_agents_cli import REPO, tiny_run_flags
 
-ITERS = 5
+ITERS = 6
 COMMAND = [sys.executable, "-m", "agents.ppo_kl", "--analytic-grad", "--kl-reward", "analytic", "--target-kl", "0.5"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -46,17 +46,18 @@ def metrics(out: Path) -> list[dict[str, str]]:
 
 
 def test_killed_and_resumed_runs_match_the_uninterrupted_run(tiny_lm_path, tmp_path):
-    """Kill points: after the untrained policy's evaluation (before the first checkpoint: the
-    resume restarts from scratch), right after iteration 2 was reported (its checkpoint written,
-    iteration 3 in progress), and after a kill in the middle of a checkpoint write (simulated by
-    the half-written temporary such a kill leaves beside the intact previous checkpoint)."""
+    """Kill points: after the untrained policy's evaluation, in a run that checkpoints only at its
+    end (so the kill surely comes before the first checkpoint: the resume restarts from scratch);
+    right after iteration 2 was reported (its checkpoint written, iteration 3 or a later one in
+    progress); and in the middle of a checkpoint write (simulated by the half-written temporary
+    such a kill leaves beside the intact previous checkpoint)."""
     reference = tmp_path / "reference"
     run(tiny_lm_path, reference)
     expected = metrics(reference)
     assert [row["iteration"] for row in expected] == [str(i) for i in range(ITERS + 1)]
 
     out = tmp_path / "killed"
-    run_and_kill(tiny_lm_path, out, "eval:")
+    run_and_kill(tiny_lm_path, out, "eval:", "--save-every", str(ITERS))
     assert not (out / "checkpoint.safetensors").exists()
     run_and_kill(tiny_lm_path, out, "iter   2", "--resume")
     assert (out / "checkpoint.safetensors").exists()
