@@ -53,8 +53,8 @@ class EstimatorInfo:
 
 
 _IGNORES_MU = "ignored (importance='token'/'sequence' weights it)"
-_MYOPIC = "direct part only: E_pi[sum_t grad KL_t(s_t)], = grad KL at T = 1, biased for T > 1 (misses each token's effect on later positions)"
-_MYOPIC_AT_MU = "E_mu[sum_t grad KL_t(s_t)]: direct part at mu's states, = grad KL at T = 1 for any mu, biased for T > 1"
+_MYOPIC = "direct part E_pi[sum_t grad KL_t(s_t)]: = grad KL at T = 1, biased for T > 1"
+_MYOPIC_AT_MU = "direct part at mu's states, E_mu[sum_t grad KL_t(s_t)]: = grad KL at T = 1, biased for T > 1"
 _K2_AT_MU = "grad of E_mu[sum_t k2_t] (mu fixed): biased even at T = 1"
 
 
@@ -96,7 +96,7 @@ _ENTRIES = (
           (True, False), "the seed project's analytic KL gradient", needs_logits=True),
     _info("analytic-is", "sg(W_{t-1}) KL_t", "prefix ratios W_{t-1}", "direct_pi", "direct_pi",
           _MYOPIC + "; = analytic",
-          "E_pi[sum_t grad KL_t(s_t)], the same as on-policy: = grad KL at T = 1, biased for T > 1",
+          "direct part at pi's states, E_pi[sum_t grad KL_t(s_t)], as on-policy: = grad KL at T = 1, biased for T > 1",
           (True, True), "PPOKL analytic_grad (the direct term; the future term goes through PPO's advantage)", needs_logits=True),
     _info("analytic-future", "KL_t + score_t sg(sum_{t'>t} KL_t')", _IGNORES_MU, "grad_kl", None,
           "grad KL (unbiased): Rao-Blackwellised (exact KL at every position)",

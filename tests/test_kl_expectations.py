@@ -196,3 +196,21 @@ def test_explicit_behaviour_equal_to_pi_is_the_on_policy_estimator(estimator):
     weights = torch.linspace(0.5, 2.0, on.numel(), dtype=on.dtype).reshape(on.shape)
     grads = [torch.autograd.grad((x * weights).sum(), tab.table, retain_graph=True)[0] for x in (explicit, on)]
     torch.testing.assert_close(*grads, **EXACT)
+
+
+@settings(deadline=None, max_examples=25)
+@given(tab=tabulars(behaviour=True))
+def test_stale_sequence_k1_reward_with_sequence_ratio(tab):
+    """TRL's RLOO after the first step: the penalty sum_t (log mu - log pi_ref) is fixed at the
+    rollout policy and the loss weights the sequence score by W_T = pi(y)/mu(y) (no clipping here).
+    E_mu[W_T grad log pi(y) (log mu(y) - log pi_ref(y))] = grad KL(pi || pi_ref) - grad KL(pi || mu),
+    mu held fixed: biased unless mu = pi."""
+    logp, ref_logp = tab.logprobs()
+    mu_logp = tab.behaviour_logprobs()
+    log_w = logp.sum(-1) - mu_logp.sum(-1)
+    surrogate = torch.exp(log_w) * (mu_logp - ref_logp).sum(-1).detach()
+    gradient = tab.grad(tab.expect(surrogate, "mu"))
+    logp = tab.logprobs()[0]  # a fresh graph
+    kl_to_mu = (logp.sum(-1).exp() * (logp - mu_logp).sum(-1)).sum()
+    expected = tab.grad(tab.reverse_kl()) - tab.grad(kl_to_mu)
+    torch.testing.assert_close(gradient, expected, **EXACT)
