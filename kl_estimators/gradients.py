@@ -10,7 +10,7 @@ rho_t = pi/mu at token t and W_t = prod_{t'<=t} rho_t' (``kl_estimators.weights`
 
 Every estimator is a per-token loss term [B, T]; its autograd gradient, summed over tokens, is the
 named estimator, and its value is a KL estimate. ``kl_estimators.ESTIMATOR_INFO`` states for each
-what the expected gradient and value equal on- and off-policy; ``tests/test_kl_offpolicy.py``
+what the expected gradient and value equal on- and off-policy; ``tests/test_kl_expectations.py``
 proves every statement by exact enumeration on tabular policies.
 
     estimator            per-token term (gradient in words)

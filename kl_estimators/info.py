@@ -1,7 +1,7 @@
 """What every KL-gradient estimator's expected gradient and value equal, on- and off-policy.
 
 ``ESTIMATOR_INFO[name]`` is the one statement per estimator: the booleans and the named
-quantities are checked by exact enumeration in ``tests/test_kl_offpolicy.py`` (every entry, every
+quantities are checked by exact enumeration in ``tests/test_kl_expectations.py`` (every entry, every
 claim), and the README's estimator table is ``markdown_table()``.
 
 "On-policy": y ~ pi, ``behaviour_logprobs=None``. "Off-policy": y ~ mu, ``behaviour_logprobs`` =
