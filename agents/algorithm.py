@@ -244,7 +244,8 @@ class PPOKL(PPO):
         minibatch step pi != mu. ``analytic_grad`` puts only the direct term sum_t KL_t(s_t) in the
         loss, as ``analytic-is``: sg(W_{t-1}) KL_t with the prefix ratio W_{t-1} = prod_{t'<t} pi/mu,
         so its expected gradient is E_pi[sum_t grad KL_t(s_t)] at every epoch (exactly the
-        on-policy direct term; without the weight it would be taken at mu's states). The future
+        on-policy direct term; without the weight it would be taken at mu's states; W is not
+        clipped, so its variance grows with how far pi has moved from mu). The future
         term (score_t x later KLs) is not in this loss: with ``kl_reward`` it is in the reward, and
         PPO's clipped token-ratio surrogate handles it like the task reward (no prefix ratio). At
         the first epoch (W = 1) the total is ``analytic-future`` (``kl_reward="analytic"``).
