@@ -12,6 +12,8 @@ KL handling (beta = ``kl_coef``):
   per-position KL is added to the loss, beta * mean_t KL_t(theta), and differentiated directly.
   With ``kl_reward="analytic"`` this is the unbiased ``analytic-future`` estimator of
   ``kl_estimators`` (exactly so for gamma = lambda = 1).
+- ``ref_logits``: ``"store"`` keeps pi_ref's [N, T, V] logits from the rollout; ``"recompute"``
+  recomputes them per minibatch in ``train`` (``agents.reference`` gives both memory formulas).
 - ``kl_loss``: GRPO-style autodiff of a sampled estimate (k1/k2/k3-loss), for study; their biases
   are documented in ``kl_estimators.gradients``.
 """
@@ -34,6 +36,7 @@ import kl_estimators
 from agents.advantages import KL_REWARDS
 from agents.buffer import SequenceBatch, SequenceRolloutBuffer
 from agents.policy import CausalLMPolicy
+from agents.reference import check_ref_logits_mode, with_reference_logits
 from agents.sampling import sample_episodes, trim_left_padding
 from agents.vec_env import LMGymVecEnv
 
@@ -93,6 +96,7 @@ class PPOKL(PPO):
         analytic_grad: bool = False,
         kl_loss: str | None = None,
         kl_chunk_size: int | None = 64,
+        ref_logits: str = "store",
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -102,6 +106,7 @@ class PPOKL(PPO):
         _init_setup_model: bool = True,
     ):
         check_kl_options(kl_reward, kl_loss, analytic_grad, kl_coef)
+        check_ref_logits_mode(ref_logits)
         if kl_reward == "analytic" and not analytic_grad and kl_coef > 0:
             warnings.warn(
                 "kl_reward='analytic' without analytic_grad is a biased KL gradient: KL_t(s_t) does not "
@@ -119,6 +124,7 @@ class PPOKL(PPO):
         self.analytic_grad = analytic_grad
         self.kl_loss = kl_loss
         self.kl_chunk_size = kl_chunk_size
+        self.ref_logits = ref_logits
         with warnings.catch_warnings():  # SB3 warns about flat-buffer divisibility; we batch sequences
             warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
             super().__init__(
@@ -137,6 +143,7 @@ class PPOKL(PPO):
                 vf_coef=vf_coef,
                 max_grad_norm=max_grad_norm,
                 rollout_buffer_class=SequenceRolloutBuffer,
+                rollout_buffer_kwargs={"store_ref_logits": ref_logits == "store"},
                 target_kl=target_kl,
                 stats_window_size=stats_window_size,
                 tensorboard_log=tensorboard_log,
@@ -308,6 +315,8 @@ class PPOKL(PPO):
         continue_training = True
         for epoch in range(self.n_epochs):
             for batch in buffer.get(sequences_per_batch, generator):
+                if batch.ref_logits is None and self.analytic_grad:
+                    batch = with_reference_logits(batch, self.env.get_attr("task")[0].ref_model)
                 losses = self.ppo_losses(batch, clip_range, clip_range_vf)
                 if not torch.isfinite(losses["loss"]):
                     raise FloatingPointError(

@@ -88,6 +88,7 @@ def build_model(args: Args, env: LMGymVecEnv, out: Path) -> PPOKL:
         kl_reward=args.kl_reward,
         analytic_grad=args.analytic_grad,
         kl_loss=args.kl_loss,
+        ref_logits=args.ref_logits,
         policy_kwargs={"model": args.model, "vf_learning_rate": args.vf_learning_rate},
         seed=args.seed,
         device=args.device,
