@@ -16,6 +16,7 @@ import yaml
 
 from agents.advantages import KL_REWARDS
 from agents.algorithm import KL_LOSSES, check_kl_options
+from agents.device import DTYPES, device_error
 from agents.reference import REF_LOGITS_MODES
 
 
@@ -59,7 +60,9 @@ class Args:
     iters: int = _arg(50, "PPO iterations (rollout + update)")
     seed: int = _arg(0, "random seed")
     out: str = _arg("runs/ppo_kl", "output directory: metrics.csv, checkpoint.zip, curves.png, SB3 logs")
-    device: str = _arg("cpu", "torch device")
+    device: str = _arg("cpu", "torch device: cpu, cuda, cuda:1, ... (under torchrun each rank uses cuda:LOCAL_RANK)")
+    dtype: str = _arg("float32", "compute dtype: bfloat16 runs the policy under autocast (float32 weights) and stores the frozen reference in bfloat16", choices=tuple(DTYPES))
+    gradient_checkpointing: bool = _arg(False, "recompute the policy's layer activations in backward (less memory, one more forward)")
     eval_every: int = _arg(5, "evaluate on held-out prompts every N iterations (0: never)")
     eval_prompts: int = _arg(16, "held-out prompts per evaluation")
     save_every: int = _arg(5, "write the checkpoint every N iterations (and at the end)")
@@ -136,4 +139,6 @@ def validate(args: Args) -> list[str]:
         errors.append(f"--target-kl must be > 0, got {args.target_kl}")
     if args.eval_every < 0:
         errors.append(f"--eval-every must be >= 0, got {args.eval_every}")
+    if (error := device_error(args.device)) is not None:
+        errors.append(error)
     return errors

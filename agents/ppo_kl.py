@@ -21,6 +21,7 @@ from lmgym.assets import AssetUnavailableError
 from agents.algorithm import PPOKL
 from agents.checkpoint import CHECKPOINT, METRICS, read_metrics, write_metrics
 from agents.config import Args, parse_args
+from agents.device import DTYPES, cast_frozen
 from agents.monitor import TrainingMonitor
 from agents.vec_env import LMGymVecEnv
 
@@ -47,6 +48,7 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
         split="train",
         **common,
     )
+    cast_frozen(train.unwrapped.task.ref_model, DTYPES[args.dtype])
     if not args.eval_every:
         return LMGymVecEnv(train), None
     evaluation = gym.make_vec(
@@ -89,7 +91,12 @@ def build_model(args: Args, env: LMGymVecEnv, out: Path) -> PPOKL:
         analytic_grad=args.analytic_grad,
         kl_loss=args.kl_loss,
         ref_logits=args.ref_logits,
-        policy_kwargs={"model": args.model, "vf_learning_rate": args.vf_learning_rate},
+        policy_kwargs={
+            "model": args.model,
+            "vf_learning_rate": args.vf_learning_rate,
+            "dtype": args.dtype,
+            "gradient_checkpointing": args.gradient_checkpointing,
+        },
         seed=args.seed,
         device=args.device,
     )
