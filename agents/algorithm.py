@@ -29,10 +29,10 @@ from gymnasium.vector import VectorEnv
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
-from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 
 import kl_estimators
+from agents import distributed
 from agents.advantages import KL_REWARDS
 from agents.buffer import SequenceBatch, SequenceRolloutBuffer
 from agents.policy import CausalLMPolicy
@@ -221,7 +221,7 @@ class PPOKL(PPO):
         beta = self.kl_controller.value
         rollout_buffer.compute_returns_and_advantage(self.kl_reward, beta, self.analytic_grad)
         self._record_rollout_stats(rollout_buffer, beta, rollout_seconds)
-        self.kl_controller.update(self.rollout_stats["rollout/kl_analytic"], env.num_envs)
+        self.kl_controller.update(self.rollout_stats["rollout/kl_analytic"], env.num_envs * distributed.world_size())
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
@@ -236,6 +236,7 @@ class PPOKL(PPO):
             "rollout/gen_length": n_tokens / buffer.n_envs,
             "time/rollout_tokens_per_s": n_tokens / max(seconds, 1e-9),
         }
+        self.rollout_stats = distributed.global_rollout_stats(self.rollout_stats, summed=["time/rollout_tokens_per_s"])
         for key, value in self.rollout_stats.items():
             self.logger.record(key, value)
 
@@ -318,18 +319,19 @@ class PPOKL(PPO):
                 if batch.ref_logits is None and self.analytic_grad:
                     batch = with_reference_logits(batch, self.env.get_attr("task")[0].ref_model)
                 losses = self.ppo_losses(batch, clip_range, clip_range_vf)
-                if not torch.isfinite(losses["loss"]):
+                weight, union = distributed.union_minibatch(losses, batch.mask.sum())
+                if not np.isfinite(union["loss"]):
                     raise FloatingPointError(
-                        f"non-finite PPO loss at epoch {epoch}: "
-                        + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                        f"non-finite PPO loss at epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in union.items())
                     )
-                for key, value in losses.items():
-                    history.setdefault(key, []).append(value.item())
-                if self.target_kl is not None and float(losses["approx_kl"]) > 1.5 * self.target_kl:
+                for key, value in union.items():
+                    history.setdefault(key, []).append(value)
+                if self.target_kl is not None and union["approx_kl"] > 1.5 * self.target_kl:
                     continue_training = False
                     break
                 self.policy.optimizer.zero_grad()
-                losses["loss"].backward()
+                (losses["loss"] * weight).backward()
+                distributed.average_gradients(self.policy.parameters())
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.policy.optimizer.step()
             self._n_updates += 1
@@ -337,10 +339,7 @@ class PPOKL(PPO):
                 break
         self.n_iterations += 1
         mask = buffer.mask
-        self.logger.record(
-            "train/explained_variance",
-            float(explained_variance(buffer.values[mask].numpy(), buffer.returns[mask].numpy())),
-        )
+        self.logger.record("train/explained_variance", distributed.explained_variance(buffer.values[mask], buffer.returns[mask]))
         for key, values in history.items():
             self.logger.record(f"train/{key}", float(np.mean(values)))
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")

@@ -4,6 +4,10 @@
 
 Writes ``metrics.csv``, ``checkpoint.zip`` (atomically), ``curves.png`` and SB3's CSV and
 TensorBoard logs into ``--out``; ``--resume`` continues from the checkpoint there.
+
+Data-parallel on W processes (``--n-envs`` per rank; rank 0 writes; see ``agents.distributed``):
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m agents.ppo_kl --n-envs 5 --out runs/ddp
 """
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ from pathlib import Path
 
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import Logger, configure
 
 import lmgym  # noqa: F401  (registers IMDBContinuation-v0)
 from lmgym.assets import AssetUnavailableError
+from agents import distributed
 from agents.algorithm import PPOKL
 from agents.checkpoint import CHECKPOINT, METRICS, read_metrics, write_metrics
 from agents.config import Args, parse_args
@@ -49,7 +54,7 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
         **common,
     )
     cast_frozen(train.unwrapped.task.ref_model, DTYPES[args.dtype])
-    if not args.eval_every:
+    if not args.eval_every or not distributed.is_main():
         return LMGymVecEnv(train), None
     evaluation = gym.make_vec(
         "IMDBContinuation-v0",
@@ -68,8 +73,11 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
 def build_model(args: Args, env: LMGymVecEnv, out: Path) -> PPOKL:
     if args.resume:
         model = PPOKL.load(out / CHECKPOINT, env=env, device=args.device)
-        rows = [row for row in read_metrics(out / METRICS) if int(row["iteration"]) <= model.n_iterations]
-        write_metrics(out / METRICS, rows)
+        if distributed.world_size() > 1:
+            model.set_random_seed(distributed.rank_seed(args.seed, model.n_iterations))
+        if distributed.is_main():
+            rows = [row for row in read_metrics(out / METRICS) if int(row["iteration"]) <= model.n_iterations]
+            write_metrics(out / METRICS, rows)
         return model
     return PPOKL(
         "CausalLMPolicy",
@@ -97,7 +105,7 @@ def build_model(args: Args, env: LMGymVecEnv, out: Path) -> PPOKL:
             "dtype": args.dtype,
             "gradient_checkpointing": args.gradient_checkpointing,
         },
-        seed=args.seed,
+        seed=distributed.rank_seed(args.seed),
         device=args.device,
     )
 
@@ -111,19 +119,26 @@ def check_out_dir(args: Args, out: Path) -> None:
 
 
 def train(args: Args) -> PPOKL:
+    args = dataclasses.replace(args, device=distributed.init_from_env(args.device))
     out = Path(args.out)
     check_out_dir(args, out)
+    distributed.barrier()  # every rank has checked --out before rank 0 writes into it
     env, eval_env = make_envs(args)
     model = build_model(args, env, out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    model.set_logger(configure(str(out / "sb3_logs"), ["csv", "tensorboard"]))
-    monitor = TrainingMonitor(out, args.iters, eval_env, args.eval_every, args.save_every)
+    distributed.broadcast_parameters(model.policy)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        model.set_logger(configure(str(out / "sb3_logs"), ["csv", "tensorboard"]))
+        callback = TrainingMonitor(out, args.iters, eval_env, args.eval_every, args.save_every)
+    else:
+        model.set_logger(Logger(folder=None, output_formats=[]))
+        callback = distributed.IterationLimit(args.iters)
     remaining = max(args.iters - model.n_iterations, 0)
     if remaining:
         model.learn(
             total_timesteps=remaining * env.num_envs * model.n_steps,
-            callback=monitor,
+            callback=callback,
             reset_num_timesteps=not args.resume,
         )
     return model
@@ -136,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError, FloatingPointError, AssetUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 
