@@ -56,6 +56,7 @@ class Args:
     vf_coef: float = _arg(0.5, "value loss coefficient")
     max_grad_norm: float = _arg(0.5, "gradient clipping norm")
     normalize_advantage: bool = _arg(False, "normalise advantages per minibatch (rescales reward vs the analytic KL term)")
+    lora_rank: int = _arg(0, "train rank-r LoRA adapters (needs peft) instead of all weights; the reference is the same network with the adapters off (0: full fine-tuning)")
     # run
     iters: int = _arg(50, "PPO iterations (rollout + update)")
     seed: int = _arg(0, "random seed")
@@ -137,8 +138,9 @@ def validate(args: Args) -> list[str]:
         errors.append(str(error))
     if args.target_kl is not None and args.target_kl <= 0:
         errors.append(f"--target-kl must be > 0, got {args.target_kl}")
-    if args.eval_every < 0:
-        errors.append(f"--eval-every must be >= 0, got {args.eval_every}")
+    for name in ("eval_every", "lora_rank"):
+        if getattr(args, name) < 0:
+            errors.append(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
     if (error := device_error(args.device)) is not None:
         errors.append(error)
     return errors

@@ -27,6 +27,7 @@ from agents.algorithm import PPOKL
 from agents.checkpoint import CHECKPOINT, METRICS, read_metrics, write_metrics
 from agents.config import Args, parse_args
 from agents.device import DTYPES, cast_frozen
+from agents.lora import share_base_as_reference
 from agents.monitor import TrainingMonitor
 from agents.vec_env import LMGymVecEnv
 
@@ -104,6 +105,7 @@ def build_model(args: Args, env: LMGymVecEnv, out: Path) -> PPOKL:
             "vf_learning_rate": args.vf_learning_rate,
             "dtype": args.dtype,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "lora_rank": args.lora_rank,
         },
         seed=distributed.rank_seed(args.seed),
         device=args.device,
@@ -125,6 +127,8 @@ def train(args: Args) -> PPOKL:
     distributed.barrier()  # every rank has checked --out before rank 0 writes into it
     env, eval_env = make_envs(args)
     model = build_model(args, env, out)
+    if model.policy.lora_rank:
+        share_base_as_reference(model.policy.lm, [e for e in (env, eval_env) if e is not None])
     distributed.broadcast_parameters(model.policy)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
