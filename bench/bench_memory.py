@@ -5,9 +5,10 @@ SmolLM2-135M in a fresh child process per measurement, alternating the modes, an
 
 - the bytes the rollout buffer holds for pi_ref's logits (``N x T x V x 4`` for ``store``, 0 for
   ``recompute``) and the largest per-minibatch logits tensor (``b x T x V x 4``);
-- the peak resident memory during a second iteration above the resident memory before it
+- the peak resident memory during the rollout and during the update of a second iteration,
+  above the resident memory before that iteration
   (sampled every 5 ms from /proc/self/statm; the first iteration allocates gradients and AdamW's
-  state, identical in both modes);
+  state, identical in both modes, and its buffer's logits are freed before the second);
 - the rollout and update seconds.
 
     python bench/bench_memory.py [--n-envs 16] [--max-new-tokens 48] [--batch-size 192] [--n-epochs 1] [--repeats 2] [--threads 1]
@@ -15,6 +16,7 @@ SmolLM2-135M in a fresh child process per measurement, alternating the modes, an
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -88,11 +90,14 @@ def one_iteration(mode: str, n_envs: int, max_new_tokens: int, batch_size: int, 
     _, callback = model._setup_learn(total_timesteps=10**9, callback=None)
     model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     model.train()  # warm-up: allocates the gradients and AdamW's state, the same in both modes
+    model.rollout_buffer.ref_logits = None  # the baseline holds no reference logits in either mode
+    gc.collect()
     before = PeakRSS.current()
-    with PeakRSS() as rss:
+    with PeakRSS() as rollout_rss:
         start = time.perf_counter()
         model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
         rollout = time.perf_counter() - start
+    with PeakRSS() as update_rss:
         start = time.perf_counter()
         model.train()
         update = time.perf_counter() - start
@@ -101,7 +106,8 @@ def one_iteration(mode: str, n_envs: int, max_new_tokens: int, batch_size: int, 
     return {
         "stored_bytes": 0 if buffer.ref_logits is None else buffer.ref_logits.nbytes,
         "minibatch_logits_bytes": sequences * buffer.n_steps * buffer.vocab_size * 4,
-        "peak_rss_increase": rss.peak - before,
+        "rollout_peak": rollout_rss.peak - before,
+        "update_peak": update_rss.peak - before,
         "rollout_s": rollout,
         "update_s": update,
         "T": buffer.n_steps,
@@ -135,14 +141,14 @@ def main() -> None:
     mib = 2**20
     print(f"N={args.n_envs} sequences, T={first['T']} tokens, V={first['V']}, batch {args.batch_size} tokens, {args.n_epochs} epoch(s); "
           f"{args.repeats} alternating runs per mode, medians; {args.threads} thread(s)\n")
-    print("| ref logits | stored [N,T,V] MiB | per-minibatch [b,T,V] MiB | peak RSS increase MiB | rollout s | update s |")
-    print("|---|---|---|---|---|---|")
+    print("| ref logits | stored [N,T,V] MiB | per-minibatch [b,T,V] MiB | peak RSS increase, rollout MiB | peak RSS increase, update MiB | rollout s | update s |")
+    print("|---|---|---|---|---|---|---|")
     for mode, runs in results.items():
         med = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
         print(f"| {mode} | {med['stored_bytes'] / mib:.0f} | {med['minibatch_logits_bytes'] / mib:.1f} | "
-              f"{med['peak_rss_increase'] / mib:.0f} | {med['rollout_s']:.1f} | {med['update_s']:.1f} |")
-    ratio = np.median([s["update_s"] / r["update_s"] for s, r in zip(results["store"], results["recompute"])])
-    print(f"\nupdate time store/recompute (paired runs, median): {ratio:.2f}")
+              f"{med['rollout_peak'] / mib:.0f} | {med['update_peak'] / mib:.0f} | {med['rollout_s']:.1f} | {med['update_s']:.1f} |")
+    ratios = [r["update_s"] / s["update_s"] for s, r in zip(results["store"], results["recompute"])]
+    print(f"\nupdate time recompute/store, paired runs: {', '.join(f'{x:.2f}' for x in ratios)}")
 
 
 if __name__ == "__main__":
