@@ -19,8 +19,10 @@ from transformers import PreTrainedModel
 def add_lora(lm: PreTrainedModel, rank: int, alpha: float | None = None) -> None:
     """Attach rank-``rank`` LoRA adapters (scale ``alpha / rank``, default alpha = 2 rank) to every
     linear layer of ``lm`` but its output head, and freeze everything else."""
-    from peft import LoraConfig, inject_adapter_in_model  # optional dependency, only needed with LoRA
-
+    try:
+        from peft import LoraConfig, inject_adapter_in_model  # optional dependency, only needed with LoRA
+    except ImportError as error:
+        raise ValueError("lora_rank needs the peft package: pip install peft") from error
     if rank < 1:
         raise ValueError(f"lora_rank must be >= 1, got {rank}")
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules="all-linear")

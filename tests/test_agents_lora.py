@@ -61,3 +61,13 @@ def test_lora_with_recomputed_reference_logits_trains_like_stored(tiny_lm_path):
         runs.append([p.detach().clone() for p in model.policy.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_lora_rank_is_a_clear_error(tiny_lm_path, capsys):
+    from agents.config import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--lora-rank", "-1"])
+    assert exit_info.value.code == 2 and "--lora-rank must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lora_rank must be >= 1"):
+        make_model(tiny_lm_path, policy_kwargs={"lora_rank": -2})
