@@ -13,6 +13,8 @@ KL handling (beta = ``kl_coef``):
   per-position KL is added to the loss, beta * mean_t KL_t(theta), and differentiated directly.
   With ``kl_reward="analytic"`` this is the unbiased ``analytic-future`` estimator of
   ``kl_estimators`` (exactly so for gamma = lambda = 1).
+- ``ref_logits``: ``"store"`` keeps pi_ref's [N, T, V] logits from the rollout; ``"recompute"``
+  recomputes them per minibatch in ``train`` (``agents.reference`` gives both memory formulas).
 - ``kl_loss``: GRPO-style autodiff of a sampled estimate (k1/k2/k3-loss), for study; their biases
   are documented in ``kl_estimators.gradients``.
 """
@@ -29,14 +31,15 @@ from gymnasium.vector import VectorEnv
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
-from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 
 import kl_estimators
+from agents import distributed
 from agents.advantages import KL_REWARDS
 from agents.buffer import SequenceBatch, SequenceRolloutBuffer
 from agents.checkpoint import load_ppokl, save_ppokl
 from agents.policy import CausalLMPolicy
+from agents.reference import check_ref_logits_mode, with_reference_logits
 from agents.sampling import sample_episodes, trim_left_padding
 from agents.vec_env import LMGymVecEnv
 
@@ -96,6 +99,7 @@ class PPOKL(PPO):
         analytic_grad: bool = False,
         kl_loss: str | None = None,
         kl_chunk_size: int | None = 64,
+        ref_logits: str = "store",
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -106,6 +110,7 @@ class PPOKL(PPO):
     ):
         self.settings = {k: v for k, v in locals().items() if k not in ("self", "env", "device", "_init_setup_model", "__class__")}
         check_kl_options(kl_reward, kl_loss, analytic_grad, kl_coef)
+        check_ref_logits_mode(ref_logits)
         if kl_reward == "analytic" and not analytic_grad and kl_coef > 0:
             warnings.warn(
                 "kl_reward='analytic' without analytic_grad is a biased KL gradient: KL_t(s_t) does not "
@@ -123,6 +128,7 @@ class PPOKL(PPO):
         self.analytic_grad = analytic_grad
         self.kl_loss = kl_loss
         self.kl_chunk_size = kl_chunk_size
+        self.ref_logits = ref_logits
         with warnings.catch_warnings():  # SB3 warns about flat-buffer divisibility; we batch sequences
             warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
             super().__init__(
@@ -141,6 +147,7 @@ class PPOKL(PPO):
                 vf_coef=vf_coef,
                 max_grad_norm=max_grad_norm,
                 rollout_buffer_class=SequenceRolloutBuffer,
+                rollout_buffer_kwargs={"store_ref_logits": ref_logits == "store"},
                 target_kl=target_kl,
                 stats_window_size=stats_window_size,
                 tensorboard_log=tensorboard_log,
@@ -219,7 +226,11 @@ class PPOKL(PPO):
     def collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: SequenceRolloutBuffer, n_rollout_steps: int
     ) -> bool:
-        """Sample one episode per env with the policy's KV cache; store what ``train`` needs."""
+        """Sample one episode per env with the policy's KV cache; store what ``train`` needs.
+
+        A rollout counts ``n_envs x n_steps`` timesteps even when every episode ends early, so
+        ``learn(total_timesteps)`` runs a whole number of iterations, the same on every rank.
+        """
         self.policy.set_training_mode(False)
         env.seed(self.rollout_seed())
         self._last_obs = env.reset()
@@ -235,6 +246,7 @@ class PPOKL(PPO):
                 return False
             self._update_info_buffer(step.infos, dones)
             rollout_buffer.add(step)
+        self.num_timesteps += env.num_envs * (n_rollout_steps - rollout_buffer.n_steps)
         self._last_obs = new_obs
         self._last_episode_starts = dones
         rollout_seconds = time.perf_counter() - start
@@ -242,7 +254,7 @@ class PPOKL(PPO):
         beta = self.kl_controller.value
         rollout_buffer.compute_returns_and_advantage(self.kl_reward, beta, self.analytic_grad)
         self._record_rollout_stats(rollout_buffer, beta, rollout_seconds)
-        self.kl_controller.update(self.rollout_stats["rollout/kl_analytic"], env.num_envs)
+        self.kl_controller.update(self.rollout_stats["rollout/kl_analytic"], env.num_envs * distributed.world_size())
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
@@ -257,6 +269,7 @@ class PPOKL(PPO):
             "rollout/gen_length": n_tokens / buffer.n_envs,
             "time/rollout_tokens_per_s": n_tokens / max(seconds, 1e-9),
         }
+        self.rollout_stats = distributed.global_rollout_stats(self.rollout_stats, summed=["time/rollout_tokens_per_s"])
         for key, value in self.rollout_stats.items():
             self.logger.record(key, value)
 
@@ -348,19 +361,22 @@ class PPOKL(PPO):
         continue_training = True
         for epoch in range(self.n_epochs):
             for batch in buffer.get(sequences_per_batch, generator):
+                if batch.ref_logits is None and self.analytic_grad:
+                    batch = with_reference_logits(batch, self.env.get_attr("task")[0].ref_model)
                 losses = self.ppo_losses(batch, clip_range, clip_range_vf)
-                if not torch.isfinite(losses["loss"]):
+                weight, union = distributed.union_minibatch(losses, batch.mask.sum())
+                if not np.isfinite(union["loss"]):
                     raise FloatingPointError(
-                        f"non-finite PPO loss at epoch {epoch}: "
-                        + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                        f"non-finite PPO loss at epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in union.items())
                     )
-                for key, value in losses.items():
-                    history.setdefault(key, []).append(value.item())
-                if self.target_kl is not None and float(losses["approx_kl"]) > 1.5 * self.target_kl:
+                for key, value in union.items():
+                    history.setdefault(key, []).append(value)
+                if self.target_kl is not None and union["approx_kl"] > 1.5 * self.target_kl:
                     continue_training = False
                     break
                 self.policy.optimizer.zero_grad()
-                losses["loss"].backward()
+                (losses["loss"] * weight).backward()
+                distributed.average_gradients(self.policy.parameters())
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.policy.optimizer.step()
             self._n_updates += 1
@@ -368,10 +384,7 @@ class PPOKL(PPO):
                 break
         self.n_iterations += 1
         mask = buffer.mask
-        self.logger.record(
-            "train/explained_variance",
-            float(explained_variance(buffer.values[mask].numpy(), buffer.returns[mask].numpy())),
-        )
+        self.logger.record("train/explained_variance", distributed.explained_variance(buffer.values[mask], buffer.returns[mask]))
         for key, values in history.items():
             self.logger.record(f"train/{key}", float(np.mean(values)))
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")

@@ -3,7 +3,8 @@
 Memory/recomputation trade-off: the reference model's next-token logits are kept for every
 generated position in float32 (``[n_envs, T, V]``: 10 x 48 x 49,152 x 4 B = 94 MB for the
 default run), because the analytic KL gradient needs the whole reference distribution at each
-position and recomputing it would cost one more reference forward per epoch. The seed kept
+position and recomputing it would cost one more reference forward per epoch (``ref_logits=
+"recompute"`` does that instead: see ``agents.reference``). The seed kept
 float64 logits per buffer entry *and* per-transition copies of the observation; here each
 sequence is stored once (prompt ids + sampled tokens) and the policy's logits are recomputed in
 ``train`` by one forward per minibatch of whole sequences.
@@ -30,7 +31,7 @@ class SequenceBatch:
     mask: torch.Tensor  # [b, T] bool, generated tokens
     old_logprobs: torch.Tensor  # [b, T]
     ref_logprobs: torch.Tensor  # [b, T]
-    ref_logits: torch.Tensor  # [b, T, V]
+    ref_logits: torch.Tensor | None  # [b, T, V], None when not stored (see agents.reference)
     old_values: torch.Tensor  # [b, T]
     advantages: torch.Tensor  # [b, T]
     returns: torch.Tensor  # [b, T]
@@ -48,7 +49,9 @@ class SequenceRolloutBuffer:
         gamma: float = 0.99,
         gae_lambda: float = 0.95,
         n_envs: int = 1,
+        store_ref_logits: bool = True,
     ):
+        self.store_ref_logits = store_ref_logits
         self.max_steps = buffer_size
         self.n_envs = n_envs
         self.vocab_size = int(action_space.n)
@@ -68,7 +71,7 @@ class SequenceRolloutBuffer:
         self.ref_logprobs = torch.zeros(n, t)
         self.values = torch.zeros(n, t)
         self.analytic_kl = torch.zeros(n, t)
-        self.ref_logits = torch.zeros(n, t, v)
+        self.ref_logits = torch.zeros(n, t, v) if self.store_ref_logits else None
         self.task_rewards = torch.zeros(n)
         self.n_steps = 0
 
@@ -84,7 +87,8 @@ class SequenceRolloutBuffer:
         self.values[:, t] = step.values * active
         self.ref_logprobs[:, t] = step.ref_logprobs * active
         self.analytic_kl[:, t] = step.analytic_kl * active
-        self.ref_logits[:, t] = step.ref_logits
+        if self.ref_logits is not None:
+            self.ref_logits[:, t] = step.ref_logits
         finished = active & torch.as_tensor(step.dones)
         self.task_rewards = torch.where(finished, torch.as_tensor(step.rewards, dtype=torch.float32), self.task_rewards)
         self.n_steps += 1
@@ -102,7 +106,8 @@ class SequenceRolloutBuffer:
     def _truncate(self) -> None:
         t = self.n_steps
         for name in ("actions", "mask", "logprobs", "ref_logprobs", "values", "analytic_kl", "ref_logits"):
-            setattr(self, name, getattr(self, name)[:, :t])
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[:, :t])
 
     def sequences(self, indices: torch.Tensor) -> SequenceBatch:
         """The stored sequences at ``indices`` as model inputs plus training targets."""
@@ -115,7 +120,7 @@ class SequenceRolloutBuffer:
             mask=mask.to(self.device),
             old_logprobs=self.logprobs[indices].to(self.device),
             ref_logprobs=self.ref_logprobs[indices].to(self.device),
-            ref_logits=self.ref_logits[indices].to(self.device),
+            ref_logits=None if self.ref_logits is None else self.ref_logits[indices].to(self.device),
             old_values=self.values[indices].to(self.device),
             advantages=self.advantages[indices].to(self.device),
             returns=self.returns[indices].to(self.device),

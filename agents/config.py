@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-import torch
 import yaml
 
 from agents.advantages import KL_REWARDS
 from agents.algorithm import KL_LOSSES, check_kl_options
+from agents.device import DTYPES, device_error
+from agents.reference import REF_LOGITS_MODES
 
 
 def _arg(default: Any, help: str, **extra: Any) -> Any:
@@ -43,6 +44,7 @@ class Args:
     kl_reward: str = _arg("k1", "per-token KL in the reward", choices=KL_REWARDS)
     analytic_grad: bool = _arg(False, "add the exact per-position KL to the loss and drop the current token's KL from its advantage")
     kl_loss: str | None = _arg(None, "GRPO-style autodiff KL loss, for study", choices=KL_LOSSES)
+    ref_logits: str = _arg("store", "reference logits for the analytic KL: 'store' [N, T, V] from the rollout, or 'recompute' per minibatch (no storage, one extra reference forward)", choices=REF_LOGITS_MODES)
     # PPO
     learning_rate: float = _arg(1e-6, "learning rate of the language model")
     vf_learning_rate: float = _arg(1e-4, "learning rate of the value head")
@@ -55,11 +57,14 @@ class Args:
     vf_coef: float = _arg(0.5, "value loss coefficient")
     max_grad_norm: float = _arg(0.5, "gradient clipping norm")
     normalize_advantage: bool = _arg(False, "normalise advantages per minibatch (rescales reward vs the analytic KL term)")
+    lora_rank: int = _arg(0, "train rank-r LoRA adapters (needs peft) instead of all weights; the reference is the same network with the adapters off (0: full fine-tuning)")
     # run
     iters: int = _arg(50, "PPO iterations (rollout + update)")
     seed: int = _arg(0, "random seed")
     out: str = _arg("runs/ppo_kl", "output directory: metrics.csv, checkpoint.safetensors, policy/, curves.png, SB3 logs")
-    device: str = _arg("cpu", "torch device: cpu, cuda, cuda:N or mps")
+    device: str = _arg("cpu", "torch device: cpu, cuda, cuda:N or mps (under torchrun each rank uses cuda:LOCAL_RANK)")
+    dtype: str = _arg("float32", "compute dtype: bfloat16 runs the policy under autocast (float32 weights) and stores the frozen reference in bfloat16", choices=tuple(DTYPES))
+    gradient_checkpointing: bool = _arg(False, "recompute the policy's layer activations in backward (less memory, one more forward)")
     eval_every: int = _arg(5, "evaluate on held-out prompts every N iterations (0: never)")
     eval_prompts: int = _arg(16, "held-out prompts per evaluation")
     save_every: int = _arg(1, "write the checkpoint every N iterations (and at the end)")
@@ -187,22 +192,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return args
 
 
-def _device_error(spec: str) -> str | None:
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        return f"--device must be cpu, cuda, cuda:N or mps, got {spec!r}"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return f"--device {spec}: no CUDA GPU is available here (torch.cuda.is_available() is False)"
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        return f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices"
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        return f"--device {spec}: MPS is not available here"
-    if device.type not in ("cpu", "cuda", "mps"):
-        return f"--device must be cpu, cuda, cuda:N or mps, got {spec!r}"
-    return None
-
-
 def _out_error(out: str) -> str | None:
     for path in (Path(out), *Path(out).parents):
         if path.exists():
@@ -231,5 +220,7 @@ def validate(args: Args) -> list[str]:
         errors.append(str(error))
     if args.target_kl is not None and not args.target_kl > 0:
         errors.append(f"--target-kl must be > 0, got {args.target_kl}")
-    errors.extend(error for error in (_device_error(args.device), _out_error(args.out)) if error)
+    if args.lora_rank < 0:
+        errors.append(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    errors.extend(error for error in (device_error(args.device), _out_error(args.out)) if error)
     return errors

@@ -8,6 +8,7 @@ from pathlib import Path
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
+from agents import distributed
 from agents.run_dir import METRICS, export_policy, read_rows, save_checkpoint, write_rows
 from agents.evaluation import evaluate
 from agents.plots import plot_curves
@@ -94,7 +95,8 @@ class TrainingMonitor(BaseCallback):
         row: dict[str, object] = {"iteration": iteration, "timesteps": self.model.num_timesteps}
         row.update({key: stats[key] for key in LOGGED if key in stats})
         row["time/iteration_seconds"] = seconds
-        row["time/tokens_per_s"] = float(stats.get("rollout/gen_length", 0)) * self.model.n_envs / max(seconds, 1e-9)
+        n_episodes = self.model.n_envs * distributed.world_size()
+        row["time/tokens_per_s"] = float(stats.get("rollout/gen_length", 0)) * n_episodes / max(seconds, 1e-9)
         if self.eval_env is not None and self.eval_every and (iteration % self.eval_every == 0 or iteration == self.iters):
             row.update(self._evaluate())
         self.rows = [r for r in self.rows if int(r["iteration"]) < iteration] + [row]

@@ -6,6 +6,9 @@ forward pass, which matters on CPU (a separate critic LM would double every forw
 stop-gradient keeps the value loss from pulling on the language model: the LM is moved only by
 the policy objective and the KL terms, so ``vf_coef`` never trades reward against value fit.
 The head has its own (larger, constant) learning rate ``vf_learning_rate``.
+``dtype="bfloat16"`` runs the LM under autocast with float32 master weights and
+``gradient_checkpointing`` recomputes its layers' activations in backward (``agents.device``);
+``lora_rank`` trains LoRA adapters only (``agents.lora``).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
+from agents.device import autocast_forward, check_dtype, enable_activation_checkpointing, set_checkpointing_active
+from agents.lora import add_lora
 from lmgym.assets import load_causal_lm
 from lmgym.decoding import position_ids_from_mask
 from lmgym.task import output_vocab_size
@@ -33,6 +38,9 @@ class CausalLMPolicy(BasePolicy):
         model: str = "smollm2-135m",
         value_hidden_size: int = 256,
         vf_learning_rate: float = 1e-4,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        lora_rank: int = 0,
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
         optimizer_kwargs: dict[str, Any] | None = None,
@@ -48,7 +56,16 @@ class CausalLMPolicy(BasePolicy):
         self.model_spec = model
         self.value_hidden_size = value_hidden_size
         self.vf_learning_rate = vf_learning_rate
+        self.dtype = dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.lora_rank = lora_rank
         self.lm, _ = load_causal_lm(model)
+        if lora_rank:
+            add_lora(self.lm, lora_rank)
+        if check_dtype(dtype) != torch.float32:
+            autocast_forward(self.lm, check_dtype(dtype))
+        if gradient_checkpointing:
+            enable_activation_checkpointing(self.lm)
         vocab = output_vocab_size(self.lm)
         if vocab != action_space.n:
             raise ValueError(
@@ -61,7 +78,7 @@ class CausalLMPolicy(BasePolicy):
         nn.init.zeros_(self.value_head[-1].bias)
         self.optimizer = self.optimizer_class(
             [
-                {"params": self.lm.parameters()},
+                {"params": [p for p in self.lm.parameters() if p.requires_grad]},
                 {"params": self.value_head.parameters(), "lr": vf_learning_rate, "fixed_lr": True},
             ],
             lr=lr_schedule(1),
@@ -70,13 +87,21 @@ class CausalLMPolicy(BasePolicy):
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(model=self.model_spec, value_hidden_size=self.value_hidden_size, vf_learning_rate=self.vf_learning_rate)
+        data.update(
+            model=self.model_spec,
+            value_hidden_size=self.value_hidden_size,
+            vf_learning_rate=self.vf_learning_rate,
+            dtype=self.dtype,
+            gradient_checkpointing=self.gradient_checkpointing,
+            lora_rank=self.lora_rank,
+        )
         return data
 
     def set_training_mode(self, mode: bool) -> None:
         """Dropout stays off in the LM: PPO ratios need the sampling distribution, not a noisy one."""
         super().set_training_mode(mode)
         self.lm.eval()
+        set_checkpointing_active(self.lm, mode)
 
     def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """V(s) from final hidden states [..., H] (gradient stopped into the LM) -> [...]."""

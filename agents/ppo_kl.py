@@ -7,6 +7,10 @@ Writes into ``--out`` (see ``agents.run_dir``): ``metrics.csv``, ``checkpoint.sa
 end), ``curves.png``, ``args.json`` and SB3's CSV and TensorBoard logs. ``--resume`` continues
 the run from its checkpoint exactly: the rows written after it are dropped, and the resumed
 iterations reproduce those of an uninterrupted run with the same seed.
+
+Data-parallel on W processes (``--n-envs`` per rank; rank 0 writes; see ``agents.distributed``):
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m agents.ppo_kl --n-envs 5 --out runs/ddp
 """
 from __future__ import annotations
 
@@ -17,11 +21,15 @@ from pathlib import Path
 
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
+from stable_baselines3.common.logger import Logger
 
 import lmgym  # noqa: F401  (registers IMDBContinuation-v0)
 from lmgym.assets import AssetUnavailableError
+from agents import distributed
 from agents.algorithm import PPOKL
 from agents.config import Args, parse_args
+from agents.device import DTYPES, cast_frozen
+from agents.lora import share_base_as_reference
 from agents.monitor import TrainingMonitor
 from agents.run_dir import ARGS, CHECKPOINT, RUN_FILES, atomic_write, make_logger, remove_stale_temporaries, rewind
 from agents.vec_env import LMGymVecEnv
@@ -49,7 +57,8 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
         split="train",
         **common,
     )
-    if not args.eval_every:
+    cast_frozen(train.unwrapped.task.ref_model, DTYPES[args.dtype])
+    if not args.eval_every or not distributed.is_main():
         return LMGymVecEnv(train), None
     evaluation = gym.make_vec(
         "IMDBContinuation-v0",
@@ -67,7 +76,11 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
 
 def build_model(args: Args, env: LMGymVecEnv, out: Path, resume: bool) -> PPOKL:
     if resume:
-        return PPOKL.load(out / CHECKPOINT, env=env, device=args.device)
+        model = PPOKL.load(out / CHECKPOINT, env=env, device=args.device)
+        if distributed.world_size() > 1:  # the checkpoint holds rank 0's seed and RNG states
+            model.seed = distributed.rank_seed(args.seed)
+            model.set_random_seed(distributed.rank_seed(args.seed, model.n_iterations))
+        return model
     return PPOKL(
         "CausalLMPolicy",
         env,
@@ -87,8 +100,15 @@ def build_model(args: Args, env: LMGymVecEnv, out: Path, resume: bool) -> PPOKL:
         kl_reward=args.kl_reward,
         analytic_grad=args.analytic_grad,
         kl_loss=args.kl_loss,
-        policy_kwargs={"model": args.model, "vf_learning_rate": args.vf_learning_rate},
-        seed=args.seed,
+        ref_logits=args.ref_logits,
+        policy_kwargs={
+            "model": args.model,
+            "vf_learning_rate": args.vf_learning_rate,
+            "dtype": args.dtype,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "lora_rank": args.lora_rank,
+        },
+        seed=distributed.rank_seed(args.seed),
         device=args.device,
     )
 
@@ -109,20 +129,29 @@ def resumes_checkpoint(args: Args, out: Path) -> bool:
 
 
 def train(args: Args) -> PPOKL:
+    args = dataclasses.replace(args, device=distributed.init_from_env(args.device))
     out = Path(args.out)
     resume = resumes_checkpoint(args, out)
-    remove_stale_temporaries(out)
+    distributed.barrier()  # every rank has checked --out before rank 0 writes into it
     env, eval_env = make_envs(args)
     model = build_model(args, env, out, resume)
-    rewind(out, model.n_iterations, model.num_timesteps)
-    atomic_write(out / ARGS, lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(args), indent=2)))
-    model.set_logger(make_logger(out))
-    monitor = TrainingMonitor(out, args.iters, eval_env, args.eval_every, args.save_every, env.venv.task.tokenizer)
+    if model.policy.lora_rank:
+        share_base_as_reference(model.policy.lm, [e for e in (env, eval_env) if e is not None])
+    distributed.broadcast_parameters(model.policy)
+    if distributed.is_main():
+        remove_stale_temporaries(out)
+        rewind(out, model.n_iterations, model.num_timesteps)
+        atomic_write(out / ARGS, lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(args), indent=2)))
+        model.set_logger(make_logger(out))
+        callback = TrainingMonitor(out, args.iters, eval_env, args.eval_every, args.save_every, env.venv.task.tokenizer)
+    else:
+        model.set_logger(Logger(folder=None, output_formats=[]))
+        callback = distributed.IterationLimit(args.iters)
     remaining = max(args.iters - model.n_iterations, 0)
     if remaining:
         model.learn(
             total_timesteps=remaining * env.num_envs * model.n_steps,
-            callback=monitor,
+            callback=callback,
             reset_num_timesteps=not resume,
         )
     return model
@@ -135,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, FloatingPointError, AssetUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -1,0 +1,86 @@
+"""Device and numeric precision, written once for every device (CPU, CUDA, ...).
+
+- ``device_error``: why a ``--device`` cannot be used on this machine (None if it can).
+- Mixed precision for the trained policy: its LM's forward runs under ``torch.autocast`` on the
+  device of its parameters, so matrix products run in bfloat16 while the weights, the AdamW
+  state and the updates stay float32 (a 1e-6 learning rate is below bfloat16's resolution of
+  2^-8 relative, so bfloat16 master weights would not move). Logits are cast to float32 before
+  every log-softmax and KL (``CausalLMPolicy.sequence_forward``, ``lmgym.decoding``).
+- The frozen reference model never updates, so it can simply hold bfloat16 weights
+  (``cast_frozen``): half the memory, logits still returned in float32.
+- Activation (gradient) checkpointing of the policy's decoder layers: each layer's activations
+  are recomputed in the backward pass instead of being kept, trading one more forward for
+  O(layers x tokens x hidden) memory.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def device_error(device: str) -> str | None:
+    """A one-line reason why ``device`` is unusable here, or None."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA support"
+            return f"--device {device}: CUDA is not available on this machine (torch {torch.__version__} with {build})"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device}: MPS is not available on this machine"
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        return f"--device: {device!r} is not supported (cpu, cuda, cuda:N or mps)"
+    return None
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype named ``dtype``, or a ValueError naming the argument."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def autocast_forward(module: nn.Module, dtype: torch.dtype) -> None:
+    """Make ``module``'s forward run under ``torch.autocast(dtype)`` on its parameters' device
+    (looked up at each call, so ``module.to(device)`` afterwards is fine)."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def autocast_forward_call(*args, **kwargs):
+        device_type = next(module.parameters()).device.type
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    module.forward = autocast_forward_call
+
+
+def cast_frozen(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Store a frozen model's weights in ``dtype`` (it is never updated, so no master copy)."""
+    model.to(dtype)
+
+
+def enable_activation_checkpointing(lm: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpointing)."""
+    lm.activation_checkpointing_enable()
+
+
+def checkpointed_layers(lm: nn.Module) -> list[nn.Module]:
+    """The decoder layers whose activations are recomputed in backward."""
+    return [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+def set_checkpointing_active(lm: nn.Module, active: bool) -> None:
+    """Transformers checkpoints a layer only while that layer is in training mode; flip only the
+    layers' own flag (not their children's), so dropout inside them stays off."""
+    for layer in checkpointed_layers(lm):
+        layer.training = active

@@ -1,0 +1,99 @@
+"""Device and precision: the CUDA check, bfloat16 autocast on CPU, activation checkpointing, and
+the whole loop on a GPU where one is present (skipped otherwise)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agents import PPOKL
+from agents.config import parse_args
+from agents.device import checkpointed_layers, device_error
+from agents.evaluation import evaluate
+from tests.agents_helpers import make_env, make_model
+from tests.test_agents_ppo import one_rollout
+
+KL_CONFIG = {"analytic_grad": True, "kl_reward": "analytic", "kl_coef": 0.3}
+
+
+def test_cuda_without_cuda_is_a_one_line_error_naming_the_flag(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    error = device_error("cuda")
+    assert error is not None and error.startswith("--device cuda: CUDA is not available") and "\n" not in error
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert device_error("cpu") is None
+    assert "not a torch device" in device_error("gpu0")
+
+
+def lm_head_dtypes(model: PPOKL) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    model.policy.lm.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    return seen
+
+
+def test_bfloat16_runs_the_lm_under_autocast_with_float32_weights_and_kl(tiny_lm_path):
+    model = make_model(tiny_lm_path, policy_kwargs={"dtype": "bfloat16"}, **KL_CONFIG)
+    seen = lm_head_dtypes(model)
+    before = [p.detach().clone() for p in model.policy.lm.parameters()]
+    model.learn(total_timesteps=model.n_envs * model.n_steps)
+    assert seen and set(seen) == {torch.bfloat16}  # rollout and update forwards both in bfloat16
+    assert all(p.dtype == torch.float32 for p in model.policy.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.policy.lm.parameters()))
+    batch = model.rollout_buffer.sequences(torch.arange(model.n_envs))
+    logits, values = model.policy.sequence_forward(batch.input_ids, batch.attention_mask, batch.actions.shape[1])
+    assert logits.dtype == values.dtype == torch.float32
+    for key in ("train/loss", "train/kl_loss", "train/approx_kl"):
+        assert np.isfinite(model.logger.name_to_value[key]), key
+
+
+def lm_gradients(model: PPOKL) -> list[torch.Tensor]:
+    model.policy.set_training_mode(True)
+    model.policy.optimizer.zero_grad()
+    batch = model.rollout_buffer.sequences(torch.arange(model.n_envs))
+    model.ppo_losses(batch, clip_range=0.2, clip_range_vf=None)["loss"].backward()
+    return [p.grad.clone() for p in model.policy.lm.parameters() if p.grad is not None]
+
+
+def test_activation_checkpointing_recomputes_layers_and_keeps_the_gradient(tiny_lm_path):
+    plain = make_model(tiny_lm_path, **KL_CONFIG)
+    checkpointed = make_model(tiny_lm_path, policy_kwargs={"gradient_checkpointing": True}, **KL_CONFIG)
+    layers = checkpointed_layers(checkpointed.policy.lm)
+    assert len(layers) == 2  # the tiny Llama's two decoder layers
+    one_rollout(plain)
+    checkpointed.rollout_buffer = plain.rollout_buffer  # the same weights (one file) and sequences
+    calls: list[str] = []
+    inner = next(layers[0].children())  # hooks on the layer itself stay outside the checkpoint
+    inner.register_forward_hook(lambda *_: calls.append("forward"))
+    expected = lm_gradients(plain)
+    got = lm_gradients(checkpointed)
+    assert calls == ["forward", "forward"]  # once in forward, once recomputed in backward
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    checkpointed.policy.set_training_mode(False)
+    assert not any(layer.training for layer in layers)
+    assert not any(m.training for m in checkpointed.policy.lm.modules() if m not in layers)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("ref_logits", ["store", "recompute"])
+def test_cuda_rollout_update_evaluation_checkpoint_and_resume(tiny_lm_path, tmp_path, dtype, ref_logits):
+    env = make_env(tiny_lm_path, device="cuda")
+    model = make_model(tiny_lm_path, env, device="cuda", ref_logits=ref_logits, policy_kwargs={"dtype": dtype}, **KL_CONFIG)
+    model.learn(total_timesteps=model.n_envs * model.n_steps)
+    assert model.policy.device.type == "cuda"
+    assert np.isfinite(model.logger.name_to_value["train/loss"])
+    assert np.isfinite(evaluate(model.policy, make_env(tiny_lm_path, device="cuda")).perplexity)
+    model.save(tmp_path / "model.safetensors")
+    loaded = PPOKL.load(tmp_path / "model.safetensors", env=make_env(tiny_lm_path, device="cuda"), device="cuda")
+    for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values()):
+        assert torch.equal(a, b)
+    loaded.learn(total_timesteps=loaded.n_envs * loaded.n_steps, reset_num_timesteps=False)
+    assert loaded.n_iterations == 2
