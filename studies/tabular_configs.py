@@ -1,0 +1,151 @@
+"""The KL-gradient configurations compared by the tabular study, and their per-batch surrogate.
+
+Every configuration's surrogate is a loss L(theta) over a batch of sequences drawn from the
+behaviour policy mu (the policy at the start of the batch; mu = pi for one step per batch) whose
+gradient estimates -grad J / beta, J = E_pi[r] - beta KL(pi || pi_ref). Three families:
+
+- ``loss:<estimator>``: REINFORCE for the task reward, -sum_t score_t (r - b), plus
+  ``kl_estimators.sequence_kl_loss(<estimator>)`` times beta (PPOKL's ``kl_loss`` with no KL in
+  the reward).
+- ``reward:<k>[+grad]``: PPOKL's KL in the reward, r_t = -beta k_t (k1, k2, k3 or the exact
+  KL_t) plus r at the last token, REINFORCE with the return-to-go G_t; ``+grad`` is PPOKL's
+  ``analytic_grad``: A_t = G_t + beta k_t (the token's own KL term taken out) and
+  beta sum_t KL_t(theta) added to the loss.
+- ``ppo:...`` and ``iw:...``: several gradient steps per batch. ``ppo`` is PPOKL's update: the
+  advantages above, computed once under mu, times the clipped per-token ratio pi/mu (eps = 0.2),
+  the analytic KL term unweighted at mu's states. ``iw`` weights the task-reward term by the
+  sequence ratio pi(y)/mu(y) and passes ``behaviour_logprobs`` = log mu to the KL estimator.
+
+b is a leave-one-out batch mean of the return for sampled batches and 0 for exact expectations.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+import kl_estimators
+from studies.tabular_model import Instance, token_logprobs
+
+PPO_CLIP = 0.2
+KL_REWARDS = ("k1", "k2", "k3", "analytic")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One KL-gradient configuration (see the module docstring for the families)."""
+
+    name: str
+    family: str
+    kl_loss: str | None = None
+    kl_reward: str | None = None
+    analytic_grad: bool = False
+    steps_per_batch: int = 1
+
+
+@dataclass
+class Batch:
+    """Sequences from mu, with each row's gradient weight and mu's logit table (no gradient).
+
+    ``row_weights`` scales the gradient reaching each sequence's surrogate: N mu(y) over all
+    N sequences gives the exact expectation E_{y~mu}, 1 gives the minibatch mean.
+    """
+
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    reward: torch.Tensor
+    behaviour_table: torch.Tensor
+    row_weights: torch.Tensor
+    exact: bool
+
+
+def _accepts_behaviour() -> bool:
+    return "behaviour_logprobs" in inspect.signature(kl_estimators.sequence_kl_loss).parameters
+
+
+def estimator_names() -> tuple[str, ...]:
+    """The estimators of ``kl_estimators`` (``ESTIMATOR_INFO`` when present, else ``ESTIMATORS``)."""
+    return tuple(getattr(kl_estimators, "ESTIMATOR_INFO", kl_estimators.ESTIMATORS))
+
+
+def all_configs(steps_per_batch: int = 4) -> tuple[Config, ...]:
+    """Every configuration of the study, on-policy first."""
+    configs = [Config(f"loss:{name}", "loss", kl_loss=name) for name in estimator_names()]
+    configs += [
+        Config(f"reward:{k}{'+grad' if grad else ''}", "reward", kl_reward=k, analytic_grad=grad)
+        for k in KL_REWARDS
+        for grad in (False, True)
+    ]
+    configs += [
+        Config(f"ppo:{k}{'+grad' if grad else ''}", "ppo", kl_reward=k, analytic_grad=grad, steps_per_batch=steps_per_batch)
+        for k, grad in (("k1", False), ("k1", True), ("analytic", True), ("analytic", False))
+    ]
+    if _accepts_behaviour():
+        configs += [
+            Config(f"iw:{name}", "iw", kl_loss=name, steps_per_batch=steps_per_batch) for name in estimator_names()
+        ]
+    return tuple(configs)
+
+
+def _weight_rows(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Equal to ``x``; the gradient reaching row i is multiplied by weights[i]."""
+    w = weights.reshape(-1, *[1] * (x.dim() - 1))
+    return x.detach() + w * (x - x.detach())
+
+
+def _token_kl(kind: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_exact: torch.Tensor) -> torch.Tensor:
+    """The per-token KL term of the reward: k1/k2/k3 of the sampled token, or the exact KL_t."""
+    if kind == "analytic":
+        return kl_exact
+    return getattr(kl_estimators, kind)(logprobs, ref_logprobs)
+
+
+def _baseline(returns: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Leave-one-out mean of ``returns`` over the batch (0 for exact expectations)."""
+    if exact or len(returns) < 2:
+        return torch.zeros_like(returns)
+    return (returns.sum() - returns) / (len(returns) - 1)
+
+
+def _advantages(config: Config, batch: Batch, mu_logp, ref_logp, mu_kl, beta: float) -> torch.Tensor:
+    """[B, T] advantages under mu: return-to-go of r_t = -beta k_t (+ r at the end), minus b."""
+    kl_terms = torch.zeros_like(mu_logp)
+    if config.kl_reward is not None:
+        kl_terms = beta * _token_kl(config.kl_reward, mu_logp, ref_logp, mu_kl)
+    rewards = -kl_terms
+    rewards[:, -1] += batch.reward
+    returns = rewards.flip(-1).cumsum(-1).flip(-1)
+    advantages = returns - _baseline(returns[:, 0], batch.exact).unsqueeze(-1)
+    if config.analytic_grad:
+        advantages = advantages + kl_terms
+    return advantages
+
+
+def surrogate(config: Config, instance: Instance, table: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The loss whose gradient (w.r.t. ``table``) estimates -grad J / beta (see module docstring)."""
+    beta = instance.beta
+    logits = _weight_rows(table[batch.rows], batch.row_weights)
+    ref_logits = instance.ref_table[batch.rows]
+    logp = _weight_rows(token_logprobs(table, batch.rows, batch.tokens), batch.row_weights)
+    ref_logp = token_logprobs(instance.ref_table, batch.rows, batch.tokens)
+    mu_logp = token_logprobs(batch.behaviour_table, batch.rows, batch.tokens)
+    mu_kl = kl_estimators.analytic(batch.behaviour_table, instance.ref_table)[batch.rows]
+    advantages = _advantages(config, batch, mu_logp, ref_logp, mu_kl, beta)
+    ratio = (logp - mu_logp).exp()
+    if config.family == "ppo":
+        clipped = ratio.clamp(1 - PPO_CLIP, 1 + PPO_CLIP)
+        policy_term = -torch.minimum(ratio * advantages, clipped * advantages).sum(-1)
+    elif config.family == "iw":
+        policy_term = -ratio.prod(-1) * advantages[:, 0]
+    else:
+        policy_term = -(logp * advantages).sum(-1)
+    loss = policy_term.mean() / beta
+    if config.analytic_grad:
+        loss = loss + kl_estimators.analytic(logits, ref_logits).sum(-1).mean()
+    if config.kl_loss is not None:
+        extra = {"behaviour_logprobs": mu_logp} if config.family == "iw" else {}
+        mask = torch.ones_like(batch.tokens, dtype=torch.bool)
+        loss = loss + kl_estimators.sequence_kl_loss(config.kl_loss, logp, ref_logp, mask, logits, ref_logits, **extra)
+    return loss

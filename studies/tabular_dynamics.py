@@ -1,0 +1,101 @@
+"""Gradient dynamics of one configuration on one instance: exact expectations or sampled batches.
+
+Both start at pi = pi_ref and take steps theta <- theta - eta grad L, L the configuration's
+surrogate (an estimate of -J / beta). Each outer iteration fixes mu = pi, then takes
+``steps_per_batch`` steps on the same batch.
+
+- exact: the batch is all V^T sequences, each weighted by mu(y), so every step follows the
+  expected gradient E_{y~mu}[grad L] (deterministic). It stops when the first step of an
+  iteration (the on-policy expected gradient) has max-norm below ``tol``: a fixed point.
+- sampled: ``batch_size`` sequences drawn from mu with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from studies.tabular_configs import Batch, Config, surrogate
+from studies.tabular_model import Instance, sequence_logprobs
+
+
+def _exact_batch(instance: Instance, table: torch.Tensor) -> Batch:
+    space = instance.space
+    tokens = space.sequences
+    mu = sequence_logprobs(space, table).detach().exp()
+    return Batch(tokens, space.rows(tokens), instance.reward, table.detach().clone(), len(mu) * mu, True)
+
+
+def _sampled_batch(instance: Instance, table: torch.Tensor, batch_size: int, gen: torch.Generator) -> Batch:
+    space = instance.space
+    tokens = space.sample(table, batch_size, gen)
+    rows = space.rows(tokens)
+    reward = instance.reward[space.index(tokens)]
+    ones = torch.ones(batch_size, dtype=table.dtype)
+    return Batch(tokens, rows, reward, table.detach().clone(), ones, False)
+
+
+def _visits(instance: Instance, table: torch.Tensor) -> torch.Tensor:
+    """[n_rows, 1] d_mu(s), the probability that a sequence from the policy ``table`` has prefix s."""
+    space = instance.space
+    tokens = space.sequences
+    mu = sequence_logprobs(space, table).detach().exp()
+    visits = torch.zeros(space.n_rows, dtype=table.dtype)
+    visits.index_add_(0, space.rows(tokens).flatten(), mu.repeat_interleave(space.length))
+    return visits.unsqueeze(-1)
+
+
+def _step(config, instance, table, batch, eta: float, scale: torch.Tensor | None = None) -> float:
+    """One step theta <- theta - eta * scale * grad L in place; returns max |grad L|."""
+    (grad,) = torch.autograd.grad(surrogate(config, instance, table, batch), table)
+    with torch.no_grad():
+        table -= eta * (grad if scale is None else scale * grad)
+    return float(grad.abs().max())
+
+
+def _checkpoints(max_steps: int, n_points: int = 40) -> set[int]:
+    """Steps (roughly log-spaced, always 0 and max_steps) at which the trajectory is recorded."""
+    points = {0, max_steps}
+    points |= {round(math.exp(i * math.log(max_steps) / n_points)) for i in range(n_points + 1)}
+    return points
+
+
+def run_exact(config: Config, instance: Instance, eta: float, max_steps: int, tol: float) -> dict:
+    """Expected-gradient dynamics to a fixed point (or ``max_steps``); final metrics + trajectory."""
+    table = instance.ref_table.clone().requires_grad_()
+    record, trajectory = _checkpoints(max_steps), []
+    step, converged, grad_norm = 0, False, math.inf
+    while step < max_steps and not converged:
+        batch = _exact_batch(instance, table)
+        scale = 1 / _visits(instance, table).clamp_min(1e-300)
+        for k in range(config.steps_per_batch):
+            norm = _step(config, instance, table, batch, eta, scale)
+            if k == 0:
+                grad_norm = norm
+            step += 1
+            if step in record:
+                trajectory.append({"step": step, **instance.metrics(table)})
+        converged = grad_norm < tol
+    final = instance.metrics(table)
+    return {"steps": step, "converged": converged, "grad_norm": grad_norm, **final, "trajectory": trajectory}
+
+
+def run_sampled(
+    config: Config, instance: Instance, eta: float, steps: int, batch_size: int, seed: int, n_points: int = 25
+) -> dict:
+    """Minibatch dynamics for ``steps`` gradient steps; metrics every steps / n_points steps."""
+    table = instance.ref_table.clone().requires_grad_()
+    gen = torch.Generator().manual_seed(seed)
+    every = max(1, steps // n_points)
+    trajectory = [{"step": 0, "samples": 0, **instance.metrics(table)}]
+    step = 0
+    while step < steps:
+        batch = _sampled_batch(instance, table, batch_size, gen)
+        for _ in range(min(config.steps_per_batch, steps - step)):
+            _step(config, instance, table, batch, eta)
+            step += 1
+            if step % every == 0 or step == steps:
+                samples = batch_size * math.ceil(step / config.steps_per_batch)
+                trajectory.append({"step": step, "samples": samples, **instance.metrics(table)})
+    return {**trajectory[-1], "trajectory": trajectory}
