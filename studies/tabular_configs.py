@@ -2,26 +2,27 @@
 
 Every configuration's surrogate is a loss L(theta) over a batch of sequences drawn from the
 behaviour policy mu (the policy at the start of the batch; mu = pi for one step per batch) whose
-gradient estimates -grad J / beta, J = E_pi[r] - beta KL(pi || pi_ref). Three families:
+gradient estimates -grad J / beta, J = E_pi[r] - beta KL(pi || pi_ref). Four families:
 
-- ``loss:<estimator>``: REINFORCE for the task reward, -sum_t score_t (r - b), plus
-  ``kl_estimators.sequence_kl_loss(<estimator>)`` times beta (PPOKL's ``kl_loss`` with no KL in
-  the reward).
-- ``reward:<k>[+grad]``: PPOKL's KL in the reward, r_t = -beta k_t (k1, k2, k3 or the exact
-  KL_t) plus r at the last token, REINFORCE with the return-to-go G_t; ``+grad`` is PPOKL's
-  ``analytic_grad``: A_t = G_t + beta k_t (the token's own KL term taken out) and
-  beta sum_t KL_t(theta) added to the loss.
-- ``ppo:...`` and ``iw:...``: several gradient steps per batch. ``ppo`` is PPOKL's update: the
-  advantages above, computed once under mu, times the clipped per-token ratio pi/mu (eps = 0.2),
-  the analytic KL term unweighted at mu's states. ``iw`` weights the task-reward term by the
-  sequence ratio pi(y)/mu(y) and passes ``behaviour_logprobs`` = log mu to the KL estimator.
+- ``loss:<estimator>`` (one step per batch): REINFORCE for the task reward, -sum_t score_t (r - b),
+  plus ``kl_estimators.sequence_kl_loss(<estimator>)`` (PPOKL's ``kl_loss``, no KL in the reward),
+  for every estimator of ``kl_estimators.ESTIMATOR_INFO``.
+- ``reward:<k>[+grad]`` (one step per batch): PPOKL's KL in the reward, r_t = -beta k_t (k1, k2,
+  k3 or the exact KL_t) plus r at the last token, REINFORCE with the return-to-go G_t; ``+grad``
+  is PPOKL's ``analytic_grad``: A_t = G_t + beta k_t (the token's own KL term taken out) and
+  beta sum_t KL_t(theta) added to the loss (``analytic-is``, as PPOKL).
+- ``ppo:<k>[+grad]`` (K steps per batch): PPOKL's update, the advantages above computed once
+  under mu times the clipped per-token ratio pi/mu (eps = 0.2); the analytic term is
+  ``analytic-is`` (prefix importance weight), as in PPOKL.
+- ``off:<estimator>`` (K steps per batch): the task-reward term weighted by the sequence ratio
+  pi(y)/mu(y) (unbiased for every mu) plus ``sequence_kl_loss(<estimator>,
+  behaviour_logprobs=log mu)``: the estimator's own off-policy behaviour.
 
 b is a leave-one-out batch mean of the return for sampled batches and 0 for exact expectations.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -61,32 +62,24 @@ class Batch:
     exact: bool
 
 
-def _accepts_behaviour() -> bool:
-    return "behaviour_logprobs" in inspect.signature(kl_estimators.sequence_kl_loss).parameters
-
-
-def estimator_names() -> tuple[str, ...]:
-    """The estimators of ``kl_estimators`` (``ESTIMATOR_INFO`` when present, else ``ESTIMATORS``)."""
-    return tuple(getattr(kl_estimators, "ESTIMATOR_INFO", kl_estimators.ESTIMATORS))
-
-
 def all_configs(steps_per_batch: int = 4) -> tuple[Config, ...]:
-    """Every configuration of the study, on-policy first."""
-    configs = [Config(f"loss:{name}", "loss", kl_loss=name) for name in estimator_names()]
-    configs += [
-        Config(f"reward:{k}{'+grad' if grad else ''}", "reward", kl_reward=k, analytic_grad=grad)
-        for k in KL_REWARDS
-        for grad in (False, True)
-    ]
-    configs += [
-        Config(f"ppo:{k}{'+grad' if grad else ''}", "ppo", kl_reward=k, analytic_grad=grad, steps_per_batch=steps_per_batch)
-        for k, grad in (("k1", False), ("k1", True), ("analytic", True), ("analytic", False))
-    ]
-    if _accepts_behaviour():
-        configs += [
-            Config(f"iw:{name}", "iw", kl_loss=name, steps_per_batch=steps_per_batch) for name in estimator_names()
-        ]
-    return tuple(configs)
+    """Every configuration of the study: on-policy families first, then the K-step ones."""
+    names = tuple(kl_estimators.ESTIMATOR_INFO)
+    rewards = [(k, grad) for k in KL_REWARDS for grad in (False, True)]
+    return (
+        *(Config(f"loss:{name}", "loss", kl_loss=name) for name in names),
+        *(Config(_reward_name(k, grad), "reward", kl_reward=k, analytic_grad=grad) for k, grad in rewards),
+        *(
+            Config("ppo:" + _reward_name(k, grad).split(":")[1], "ppo", kl_reward=k, analytic_grad=grad,
+                   steps_per_batch=steps_per_batch)
+            for k, grad in (("k1", False), ("k1", True), ("analytic", True), ("analytic", False))
+        ),
+        *(Config(f"off:{name}", "off", kl_loss=name, steps_per_batch=steps_per_batch) for name in names),
+    )
+
+
+def _reward_name(kind: str, analytic_grad: bool) -> str:
+    return f"reward:{kind}{'+grad' if analytic_grad else ''}"
 
 
 def _weight_rows(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -137,15 +130,20 @@ def surrogate(config: Config, instance: Instance, table: torch.Tensor, batch: Ba
     if config.family == "ppo":
         clipped = ratio.clamp(1 - PPO_CLIP, 1 + PPO_CLIP)
         policy_term = -torch.minimum(ratio * advantages, clipped * advantages).sum(-1)
-    elif config.family == "iw":
+    elif config.family == "off":
         policy_term = -ratio.prod(-1) * advantages[:, 0]
     else:
         policy_term = -(logp * advantages).sum(-1)
     loss = policy_term.mean() / beta
-    if config.analytic_grad:
-        loss = loss + kl_estimators.analytic(logits, ref_logits).sum(-1).mean()
-    if config.kl_loss is not None:
-        extra = {"behaviour_logprobs": mu_logp} if config.family == "iw" else {}
-        mask = torch.ones_like(batch.tokens, dtype=torch.bool)
-        loss = loss + kl_estimators.sequence_kl_loss(config.kl_loss, logp, ref_logp, mask, logits, ref_logits, **extra)
+    estimator = "analytic-is" if config.analytic_grad else config.kl_loss
+    if estimator is not None:
+        loss = loss + kl_estimators.sequence_kl_loss(
+            estimator,
+            logp,
+            ref_logp,
+            torch.ones_like(batch.tokens, dtype=torch.bool),
+            logits,
+            ref_logits,
+            behaviour_logprobs=mu_logp,
+        )
     return loss

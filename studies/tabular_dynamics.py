@@ -1,13 +1,17 @@
 """Gradient dynamics of one configuration on one instance: exact expectations or sampled batches.
 
-Both start at pi = pi_ref and take steps theta <- theta - eta grad L, L the configuration's
+Both start at pi = pi_ref and take steps theta <- theta - eta grad L (per-prefix eta, below), L the configuration's
 surrogate (an estimate of -J / beta). Each outer iteration fixes mu = pi, then takes
 ``steps_per_batch`` steps on the same batch.
 
 - exact: the batch is all V^T sequences, each weighted by mu(y), so every step follows the
-  expected gradient E_{y~mu}[grad L] (deterministic). It stops when the first step of an
-  iteration (the on-policy expected gradient) has max-norm below ``tol``: a fixed point.
-- sampled: ``batch_size`` sequences drawn from mu with a seeded generator.
+  expected gradient E_{y~mu}[grad L] (deterministic). The step on the row of prefix s is
+  divided by d_mu(s), the probability that a sequence from mu starts with s: a positive
+  per-prefix step size, which leaves the fixed points (zeros of the expected gradient)
+  unchanged and lets rarely visited prefixes converge as fast as frequent ones. It stops when
+  the first step of an iteration (the on-policy expected gradient) has max-norm below ``tol``
+  (a fixed point), or is not finite (diverged).
+- sampled: ``batch_size`` sequences drawn from mu with a seeded generator; plain SGD.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ def run_exact(config: Config, instance: Instance, eta: float, max_steps: int, to
             if step in record:
                 trajectory.append({"step": step, **instance.metrics(table)})
         converged = grad_norm < tol
+        if not math.isfinite(grad_norm):
+            break
     final = instance.metrics(table)
     return {"steps": step, "converged": converged, "grad_norm": grad_norm, **final, "trajectory": trajectory}
 
