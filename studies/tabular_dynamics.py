@@ -58,6 +58,13 @@ def _step(config, instance, table, batch, eta: float, scale: torch.Tensor | None
     return float(grad.abs().max())
 
 
+def expected_gradient(config: Config, instance: Instance, table: torch.Tensor) -> torch.Tensor:
+    """E_{y~pi}[grad L] at the policy ``table`` (mu = pi: the first step of a batch), exactly."""
+    table = table.detach().clone().requires_grad_()
+    (grad,) = torch.autograd.grad(surrogate(config, instance, table, _exact_batch(instance, table)), table)
+    return grad
+
+
 def _checkpoints(max_steps: int, n_points: int = 40) -> set[int]:
     """Steps (roughly log-spaced, always 0 and max_steps) at which the trajectory is recorded."""
     points = {0, max_steps}
@@ -84,7 +91,15 @@ def run_exact(config: Config, instance: Instance, eta: float, max_steps: int, to
         if not math.isfinite(grad_norm):
             break
     final = instance.metrics(table)
-    return {"steps": step, "converged": converged, "grad_norm": grad_norm, **final, "trajectory": trajectory}
+    grad_at_opt = float(expected_gradient(config, instance, instance.optimum_table()).abs().max())
+    return {
+        "steps": step,
+        "converged": converged,
+        "grad_norm": grad_norm,
+        "grad_at_opt": grad_at_opt,
+        **final,
+        "trajectory": trajectory,
+    }
 
 
 def run_sampled(

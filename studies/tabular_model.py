@@ -95,6 +95,23 @@ class Instance:
         unnormalised = sequence_logprobs(self.space, self.ref_table) + self.reward / self.beta
         return unnormalised - unnormalised.logsumexp(0)
 
+    def optimum_table(self) -> torch.Tensor:
+        """A logit table of pi*: row s = log pi_ref(.|s) + log W(s, .), W the soft value.
+
+        log W(y) = r(y)/beta for complete sequences and, backwards over t,
+        log W(y_<t) = logsumexp_v [log pi_ref(v|y_<t) + log W(y_<t, v)], so that
+        pi*(v|y_<t) = pi_ref(v|y_<t) W(y_<t, v) / W(y_<t) and prod_t pi*(y_t|y_<t) = pi*(y).
+        """
+        space, ref_logp = self.space, self.ref_table.log_softmax(-1)
+        log_w = self.reward / self.beta  # over complete sequences, in base-V order
+        table = torch.empty_like(self.ref_table)
+        for t in reversed(range(space.length)):
+            offset = sum(space.vocab**k for k in range(t))
+            rows = slice(offset, offset + space.vocab**t)
+            table[rows] = ref_logp[rows] + log_w.reshape(space.vocab**t, space.vocab)
+            log_w = table[rows].logsumexp(-1)
+        return table
+
     def metrics(self, table: torch.Tensor) -> dict[str, float]:
         """Exact KL(pi || pi*), E_pi[r], KL(pi || pi_ref) and J of the policy ``table``."""
         with torch.no_grad():
