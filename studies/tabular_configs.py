@@ -17,6 +17,9 @@ gradient estimates -grad J / beta, J = E_pi[r] - beta KL(pi || pi_ref). Four fam
 - ``off:<estimator>`` (K steps per batch): the task-reward term weighted by the sequence ratio
   pi(y)/mu(y) (unbiased for every mu) plus ``sequence_kl_loss(<estimator>,
   behaviour_logprobs=log mu)``: the estimator's own off-policy behaviour.
+- ``offline:<estimator>``: the same surrogate with mu = pi_ref for every step (data from the
+  reference policy, never refreshed), so its fixed points are those of the estimator's
+  off-policy expected gradient.
 
 b is a leave-one-out batch mean of the return for sampled batches and 0 for exact expectations.
 """
@@ -44,6 +47,7 @@ class Config:
     kl_reward: str | None = None
     analytic_grad: bool = False
     steps_per_batch: int = 1
+    offline: bool = False
 
 
 @dataclass
@@ -63,7 +67,7 @@ class Batch:
 
 
 def all_configs(steps_per_batch: int = 4) -> tuple[Config, ...]:
-    """Every configuration of the study: on-policy families first, then the K-step ones."""
+    """Every configuration of the study: on-policy families first, then the off-policy ones."""
     names = tuple(kl_estimators.ESTIMATOR_INFO)
     rewards = [(k, grad) for k in KL_REWARDS for grad in (False, True)]
     return (
@@ -75,6 +79,7 @@ def all_configs(steps_per_batch: int = 4) -> tuple[Config, ...]:
             for k, grad in (("k1", False), ("k1", True), ("analytic", True), ("analytic", False))
         ),
         *(Config(f"off:{name}", "off", kl_loss=name, steps_per_batch=steps_per_batch) for name in names),
+        *(Config(f"offline:{name}", "offline", kl_loss=name, offline=True) for name in names),
     )
 
 
@@ -130,7 +135,7 @@ def surrogate(config: Config, instance: Instance, table: torch.Tensor, batch: Ba
     if config.family == "ppo":
         clipped = ratio.clamp(1 - PPO_CLIP, 1 + PPO_CLIP)
         policy_term = -torch.minimum(ratio * advantages, clipped * advantages).sum(-1)
-    elif config.family == "off":
+    elif config.family in ("off", "offline"):
         policy_term = -ratio.prod(-1) * advantages[:, 0]
     else:
         policy_term = -(logp * advantages).sum(-1)

@@ -1,16 +1,16 @@
 """Gradient dynamics of one configuration on one instance: exact expectations or sampled batches.
 
-Both start at pi = pi_ref and take steps theta <- theta - eta grad L (per-prefix eta, below), L the configuration's
-surrogate (an estimate of -J / beta). Each outer iteration fixes mu = pi, then takes
-``steps_per_batch`` steps on the same batch.
+Both start at pi = pi_ref and take steps theta <- theta - eta grad L, L the configuration's
+surrogate (an estimate of -J / beta). Each outer iteration fixes mu = pi (mu = pi_ref for
+offline configurations), then takes ``steps_per_batch`` steps on the same batch.
 
 - exact: the batch is all V^T sequences, each weighted by mu(y), so every step follows the
   expected gradient E_{y~mu}[grad L] (deterministic). The step on the row of prefix s is
   divided by d_mu(s), the probability that a sequence from mu starts with s: a positive
   per-prefix step size, which leaves the fixed points (zeros of the expected gradient)
   unchanged and lets rarely visited prefixes converge as fast as frequent ones. It stops when
-  the first step of an iteration (the on-policy expected gradient) has max-norm below ``tol``
-  (a fixed point), or is not finite (diverged).
+  the first step of an iteration has max-norm below ``tol`` (a fixed point), or is not finite
+  (diverged).
 - sampled: ``batch_size`` sequences drawn from mu with a seeded generator; plain SGD.
 """
 
@@ -22,6 +22,11 @@ import torch
 
 from studies.tabular_configs import Batch, Config, surrogate
 from studies.tabular_model import Instance, sequence_logprobs
+
+
+def _behaviour(config: Config, instance: Instance, table: torch.Tensor) -> torch.Tensor:
+    """mu at the start of a batch: pi_ref for offline configurations, else the current policy."""
+    return instance.ref_table if config.offline else table.detach()
 
 
 def _exact_batch(instance: Instance, table: torch.Tensor) -> Batch:
@@ -59,9 +64,10 @@ def _step(config, instance, table, batch, eta: float, scale: torch.Tensor | None
 
 
 def expected_gradient(config: Config, instance: Instance, table: torch.Tensor) -> torch.Tensor:
-    """E_{y~pi}[grad L] at the policy ``table`` (mu = pi: the first step of a batch), exactly."""
+    """E_{y~mu}[grad L] at the policy ``table``, exactly; mu = pi (the first step of a batch) or pi_ref (offline)."""
     table = table.detach().clone().requires_grad_()
-    (grad,) = torch.autograd.grad(surrogate(config, instance, table, _exact_batch(instance, table)), table)
+    batch = _exact_batch(instance, _behaviour(config, instance, table))
+    (grad,) = torch.autograd.grad(surrogate(config, instance, table, batch), table)
     return grad
 
 
@@ -78,8 +84,9 @@ def run_exact(config: Config, instance: Instance, eta: float, max_steps: int, to
     record, trajectory = _checkpoints(max_steps), []
     step, converged, grad_norm = 0, False, math.inf
     while step < max_steps and not converged:
-        batch = _exact_batch(instance, table)
-        scale = 1 / _visits(instance, table).clamp_min(1e-300)
+        mu = _behaviour(config, instance, table)
+        batch = _exact_batch(instance, mu)
+        scale = 1 / _visits(instance, mu).clamp_min(1e-300)
         for k in range(config.steps_per_batch):
             norm = _step(config, instance, table, batch, eta, scale)
             if k == 0:
@@ -112,7 +119,7 @@ def run_sampled(
     trajectory = [{"step": 0, "samples": 0, **instance.metrics(table)}]
     step = 0
     while step < steps:
-        batch = _sampled_batch(instance, table, batch_size, gen)
+        batch = _sampled_batch(instance, _behaviour(config, instance, table), batch_size, gen)
         for _ in range(min(config.steps_per_batch, steps - step)):
             _step(config, instance, table, batch, eta)
             step += 1

@@ -64,9 +64,9 @@ def _sem(xs: list[float]) -> float:
 
 
 def _claim(cell: dict) -> str:
-    """What ``ESTIMATOR_INFO`` claims for a loss/off configuration: unbiased at every T or not."""
+    """What ``ESTIMATOR_INFO`` claims for a loss/off/offline configuration: unbiased at every T or not."""
     info = kl_estimators.ESTIMATOR_INFO.get(cell["config"].split(":", 1)[1])
-    if cell["family"] not in ("loss", "off") or info is None:
+    if cell["family"] not in ("loss", "off", "offline") or info is None:
         return "-"
     unbiased = info.unbiased_on_policy if cell["family"] == "loss" else info.unbiased_off_policy
     return "unbiased" if unbiased else "biased"
