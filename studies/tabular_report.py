@@ -27,9 +27,15 @@ from studies.tabular_model import make_instance  # noqa: E402
 
 REACHED = 1e-6  # KL(pi || pi*) below which a run counts as having reached pi*
 REPRESENTATIVE = "V3-T3-b1-s0"  # the instance of the detail table, the trajectory plot and the sampled part
+PLOTTED = (  # one configuration per kind of behaviour, for the curve plots (the tables have all)
+    "loss:reinforce-future", "loss:analytic-future", "loss:analytic", "loss:k3-loss", "loss:k1-loss",
+    "loss:abs-loss", "reward:analytic", "reward:k2+grad", "reward:k3", "ppo:analytic+grad",
+    "off:analytic-future-is", "offline:analytic-future", "offline:analytic-future-is",
+)
 EXACT_COLUMNS = ("instance", "vocab", "length", "beta", "config", "family", "kl_to_opt", "reward", "kl_to_ref",
                  "objective", "grad_at_opt", "converged", "steps", "seconds")
-SAMPLED_COLUMNS = ("instance", "config", "family", "seeds", "steps", "samples", "kl_to_opt_mean", "kl_to_opt_se",
+SAMPLED_COLUMNS = ("instance", "config", "family", "seeds", "steps", "samples", "quarter_step", "kl_to_opt_quarter_mean",
+                   "kl_to_opt_quarter_se", "kl_to_opt_mean", "kl_to_opt_se",
                    "reward_mean", "kl_to_ref_mean", "seconds")
 
 
@@ -136,6 +142,7 @@ def _sampled_rows(cells: list[dict]) -> list[dict]:
     rows = []
     for (instance, config), runs in sorted(groups.items()):
         finals = [r["kl_to_opt"] for r in runs]
+        quarter = [r["trajectory"][len(r["trajectory"]) // 4]["kl_to_opt"] for r in runs]
         rows.append({
             "instance": instance,
             "config": config,
@@ -143,6 +150,9 @@ def _sampled_rows(cells: list[dict]) -> list[dict]:
             "seeds": len(runs),
             "steps": runs[0]["trajectory"][-1]["step"],
             "samples": runs[0]["trajectory"][-1]["samples"],
+            "quarter_step": runs[0]["trajectory"][len(runs[0]["trajectory"]) // 4]["step"],
+            "kl_to_opt_quarter_mean": mean(quarter),
+            "kl_to_opt_quarter_se": _sem(quarter),
             "kl_to_opt_mean": mean(finals),
             "kl_to_opt_se": _sem(finals),
             "reward_mean": mean(r["reward"] for r in runs),
@@ -159,17 +169,20 @@ def _sampled_table(rows: list[dict], exact: list[dict]) -> list[str]:
         mine = [r for r in rows if r["instance"] == instance]
         lines += [
             "",
-            f"Sampled dynamics on `{instance}`: {mine[0]['steps']} SGD steps, KL(pi‖pi*) at the end, "
-            f"mean ± s.e. over {mine[0]['seeds']} seeds (the exact-gradient end point for comparison).",
+            f"Sampled dynamics on `{instance}`: {mine[0]['steps']} SGD steps of {mine[0]['samples'] // mine[0]['steps']} "
+            f"sequences (one batch per K steps for the K-step families), KL(pi‖pi*) at step {mine[0]['quarter_step']} "
+            f"and at the end, mean ± s.e. over {mine[0]['seeds']} seeds; the exact-gradient end point for comparison.",
             "",
-            "| configuration | samples drawn | KL(pi‖pi*) | E_pi[r] | KL(pi‖pi_ref) | exact-gradient KL(pi‖pi*) |",
-            "|---|---|---|---|---|---|",
+            f"| configuration | samples drawn | KL(pi‖pi*) at step {mine[0]['quarter_step']} | KL(pi‖pi*) at the end "
+            "| E_pi[r] | KL(pi‖pi_ref) | exact-gradient KL(pi‖pi*) |",
+            "|---|---|---|---|---|---|---|",
         ]
         order = {n: i for i, n in enumerate(_config_order(mine))}
         for r in sorted(mine, key=lambda r: order[r["config"]]):
             ex = exact_kl.get((instance, r["config"]))
             lines.append(
-                f"| `{r['config']}` | {r['samples']} | {_fmt(r['kl_to_opt_mean'])} ± {_fmt(r['kl_to_opt_se'])} | "
+                f"| `{r['config']}` | {r['samples']} | {_fmt(r['kl_to_opt_quarter_mean'])} ± {_fmt(r['kl_to_opt_quarter_se'])} | "
+                f"{_fmt(r['kl_to_opt_mean'])} ± {_fmt(r['kl_to_opt_se'])} | "
                 f"{_fmt(r['reward_mean'])} | {_fmt(r['kl_to_ref_mean'])} | {'-' if ex is None else _fmt(ex)} |"
             )
     return lines
@@ -187,30 +200,30 @@ def _plot_fixed_points(cells: list[dict], path: Path) -> None:
     for length, colour in colours.items():
         ax.scatter([], [], color=colour, s=9, label=f"T = {length}")
     ax.axvline(REACHED, color="k", lw=0.6, ls="--")
-    ax.set(xscale="log", yticks=range(len(names)), yticklabels=names, xlabel="KL(pi ‖ pi*) at the end (exact gradients)")
+    ax.set(xscale="log", yticks=range(len(names)), yticklabels=names, xlabel="KL(pi ‖ pi*) at the end (exact gradients; diverged runs drawn at 1e3)")
     ax.invert_yaxis()
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper right", fontsize=7)
     ax.set_title("Exact expected-gradient dynamics: end points over all instances", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_curves(groups: dict[str, list[list[dict]]], path: Path, title: str, x: str) -> None:
+def _plot_curves(groups: dict[str, list[list[dict]]], path: Path, title: str, xscale: str) -> None:
     """KL(pi‖pi*) vs ``x`` per configuration: mean ± s.e. band over the runs of each group."""
     fig, ax = plt.subplots(figsize=(9, 5))
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
     for i, (name, runs) in enumerate(groups.items()):
-        steps = [p[x] for p in runs[0]]
+        steps = [p["step"] for p in runs[0]]
         values = [[min(run[j]["kl_to_opt"], 1e3) for run in runs] for j in range(len(steps))]
         centre = [mean(v) for v in values]
-        ax.plot(steps, centre, label=name, color=cmap(i % 20), ls="-" if i < 20 else "--", lw=1.2)
+        ax.plot(steps, centre, label=name, color=cmap(i % 10), ls="-" if i < 10 else "--", lw=1.2)
         if len(runs) > 1:
             se = [_sem(v) for v in values]
             ax.fill_between(steps, [max(c - s, 1e-16) for c, s in zip(centre, se)], [c + s for c, s in zip(centre, se)],
-                            color=cmap(i % 20), alpha=0.2)
-    ax.set(xscale="symlog" if x == "step" else "linear", yscale="log", xlabel=x, ylabel="KL(pi ‖ pi*)", title=title)
-    ax.legend(fontsize=6, ncol=2, loc="best")
+                            color=cmap(i % 10), alpha=0.2)
+    ax.set(xscale=xscale, yscale="log", xlabel="gradient step", ylabel="KL(pi ‖ pi*)", title=title)
+    ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -245,14 +258,12 @@ def write_report(out: Path) -> None:
         _plot_fixed_points(exact, out / "exact_fixed_points.png")
         detail = {c["config"]: [c["trajectory"]] for c in exact if c["instance"] == REPRESENTATIVE}
         if detail:
-            order = _config_order(exact)
-            detail = {n: detail[n] for n in order if n in detail}
-            _plot_curves(detail, out / "exact_trajectories.png", f"Exact dynamics on {REPRESENTATIVE}", "step")
+            detail = {n: detail[n] for n in PLOTTED if n in detail}
+            _plot_curves(detail, out / "exact_trajectories.png", f"Exact dynamics on {REPRESENTATIVE}", "log")
     for instance in sorted({c["instance"] for c in sampled}):
         runs = defaultdict(list)
         for c in sampled:
             if c["instance"] == instance:
                 runs[c["config"]].append(c["trajectory"])
-        order = _config_order([c for c in sampled if c["instance"] == instance])
-        _plot_curves({n: runs[n] for n in order}, out / f"sampled_{instance}.png",
-                     f"Sampled dynamics on {instance}: mean ± s.e. over seeds", "step")
+        _plot_curves({n: runs[n] for n in PLOTTED if n in runs}, out / f"sampled_{instance}.png",
+                     f"Sampled dynamics on {instance}: mean ± s.e. over seeds", "linear")
