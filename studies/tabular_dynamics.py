@@ -112,18 +112,26 @@ def run_exact(config: Config, instance: Instance, eta: float, max_steps: int, to
 def run_sampled(
     config: Config, instance: Instance, eta: float, steps: int, batch_size: int, seed: int, n_points: int = 25
 ) -> dict:
-    """Minibatch dynamics for ``steps`` gradient steps; metrics every steps / n_points steps."""
+    """Minibatch dynamics for ``steps`` gradient steps; metrics every steps / n_points steps.
+
+    A run whose table stops being finite has diverged: its later metrics are NaN.
+    """
     table = instance.ref_table.clone().requires_grad_()
     gen = torch.Generator().manual_seed(seed)
     every = max(1, steps // n_points)
     trajectory = [{"step": 0, "samples": 0, **instance.metrics(table)}]
+    diverged = {key: math.nan for key in trajectory[0] if key not in ("step", "samples")}
     step = 0
     while step < steps:
-        batch = _sampled_batch(instance, _behaviour(config, instance, table), batch_size, gen)
+        finite = bool(torch.isfinite(table).all())
+        if finite:
+            batch = _sampled_batch(instance, _behaviour(config, instance, table), batch_size, gen)
         for _ in range(min(config.steps_per_batch, steps - step)):
-            _step(config, instance, table, batch, eta)
+            if finite:
+                _step(config, instance, table, batch, eta)
             step += 1
             if step % every == 0 or step == steps:
                 samples = batch_size * math.ceil(step / config.steps_per_batch)
-                trajectory.append({"step": step, "samples": samples, **instance.metrics(table)})
+                metrics = instance.metrics(table) if finite else diverged
+                trajectory.append({"step": step, "samples": samples, **metrics})
     return {**trajectory[-1], "trajectory": trajectory}
