@@ -65,8 +65,15 @@ def _fmt(x: float) -> str:
     return f"{x:.1e}" if abs(x) < 1e-2 and x != 0 else f"{x:.3g}"
 
 
+def _mean_se(m: float, se: float) -> str:
+    return _fmt(m) if not math.isfinite(m) or not math.isfinite(se) else f"{_fmt(m)} ± {_fmt(se)}"
+
+
 def _sem(xs: list[float]) -> float:
-    return stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    """Standard error of the mean; NaN for fewer than two values or any non-finite one (a diverged run)."""
+    if len(xs) < 2 or not all(math.isfinite(x) for x in xs):
+        return math.nan
+    return stdev(xs) / math.sqrt(len(xs))
 
 
 def _claim(cell: dict) -> str:
@@ -181,8 +188,8 @@ def _sampled_table(rows: list[dict], exact: list[dict]) -> list[str]:
         for r in sorted(mine, key=lambda r: order[r["config"]]):
             ex = exact_kl.get((instance, r["config"]))
             lines.append(
-                f"| `{r['config']}` | {r['samples']} | {_fmt(r['kl_to_opt_quarter_mean'])} ± {_fmt(r['kl_to_opt_quarter_se'])} | "
-                f"{_fmt(r['kl_to_opt_mean'])} ± {_fmt(r['kl_to_opt_se'])} | "
+                f"| `{r['config']}` | {r['samples']} | {_mean_se(r['kl_to_opt_quarter_mean'], r['kl_to_opt_quarter_se'])} | "
+                f"{_mean_se(r['kl_to_opt_mean'], r['kl_to_opt_se'])} | "
                 f"{_fmt(r['reward_mean'])} | {_fmt(r['kl_to_ref_mean'])} | {'-' if ex is None else _fmt(ex)} |"
             )
     return lines
