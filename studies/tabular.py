@@ -85,11 +85,17 @@ def _slug(name: str) -> str:
     return name.replace(":", "_").replace("+", "-plus-")
 
 
+def _compact_trajectory(payload: dict) -> dict:
+    """``payload`` with its trajectory's metrics rounded to 6 significant digits (the end point is kept exact)."""
+    rounded = [{k: v if isinstance(v, int) else float(f"{v:.6g}") for k, v in p.items()} for p in payload["trajectory"]]
+    return {**payload, "trajectory": rounded}
+
+
 def _write_json(path: Path, payload: dict) -> None:
-    """Atomic write: a temporary file in the same folder, then rename."""
+    """Atomic compact write: a temporary file in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.write_text(json.dumps(_compact_trajectory(payload), separators=(",", ":")))
     tmp.replace(path)
 
 
