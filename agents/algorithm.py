@@ -2,8 +2,9 @@
 
 Only what text generation changes is overridden: ``collect_rollouts`` (batched sampling with the
 policy's KV cache, one episode per env, reference logits from the env) and ``train`` (a PPO
-update over whole sequences with the KL terms of ``kl_estimators``). ``learn``, ``save``,
-``load``, ``predict``, callbacks and the logger are SB3's own.
+update over whole sequences with the KL terms of ``kl_estimators``); ``save`` and ``load`` keep
+SB3's signatures but use the pickle-free format of ``agents.checkpoint``. ``learn``,
+``predict``, callbacks and the logger are SB3's own.
 
 KL handling (beta = ``kl_coef``):
 - ``kl_reward``: per-token reward r_t = -beta KL_t with KL_t one of k1/k2/k3 (sampled log-ratio
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from stable_baselines3.common.vec_env import VecEnv
 import kl_estimators
 from agents.advantages import KL_REWARDS
 from agents.buffer import SequenceBatch, SequenceRolloutBuffer
+from agents.checkpoint import load_ppokl, save_ppokl
 from agents.policy import CausalLMPolicy
 from agents.sampling import sample_episodes, trim_left_padding
 from agents.vec_env import LMGymVecEnv
@@ -101,6 +104,7 @@ class PPOKL(PPO):
         device: torch.device | str = "cpu",
         _init_setup_model: bool = True,
     ):
+        self.settings = {k: v for k, v in locals().items() if k not in ("self", "env", "device", "_init_setup_model", "__class__")}
         check_kl_options(kl_reward, kl_loss, analytic_grad, kl_coef)
         if kl_reward == "analytic" and not analytic_grad and kl_coef > 0:
             warnings.warn(
@@ -162,18 +166,44 @@ class PPOKL(PPO):
         )
 
     def _setup_model(self) -> None:
-        """SB3's set-up; the KL controller and iteration count survive ``load`` (SB3 restores the
-        saved attributes before calling this)."""
+        """SB3's set-up, plus the KL controller and the iteration count (``load`` restores both)."""
         super()._setup_model()
-        if not hasattr(self, "kl_controller"):
-            self.kl_controller = (
-                kl_estimators.FixedKLController(self.kl_coef)
-                if self.kl_target is None
-                else kl_estimators.AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
+        self.kl_controller = self.make_kl_controller(self.kl_coef)
+        self.n_iterations = 0
+        self.rollout_stats: dict[str, float] = {}
+
+    def make_kl_controller(self, beta: float) -> kl_estimators.FixedKLController | kl_estimators.AdaptiveKLController:
+        """A fixed controller at ``beta``, or the adaptive one starting from ``beta`` if ``kl_target`` is set."""
+        if self.kl_target is None:
+            return kl_estimators.FixedKLController(beta)
+        return kl_estimators.AdaptiveKLController(beta, self.kl_target, self.kl_horizon)
+
+    def rollout_seed(self) -> int | None:
+        """The env seed of the next rollout, a function of (seed, n_iterations) only, so that a run
+        resumed from a checkpoint draws the same prompts as the uninterrupted run."""
+        if self.seed is None:
+            return None
+        return int(np.random.SeedSequence([self.seed, self.n_iterations]).generate_state(1)[0])
+
+    def save(self, path: str | Path, exclude: Any = None, include: Any = None) -> None:
+        """Write the training state to ``path`` as safetensors + JSON (``agents.checkpoint``);
+        ``exclude``/``include`` (SB3's pickle selection) do not apply and must be None."""
+        if exclude is not None or include is not None:
+            raise ValueError("PPOKL.save stores the whole training state: exclude/include are not supported")
+        save_ppokl(self, path)
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls, path: str | Path, env: GymEnv | VectorEnv | None = None, device: torch.device | str = "cpu", **kwargs: Any
+    ) -> PPOKL:
+        """A model in the exact training state saved by ``save`` (never unpickles; an SB3 zip is
+        refused). ``env`` is required; ``kwargs`` override saved settings."""
+        if env is None:
+            raise ValueError(
+                "PPOKL.load needs env= (the policy's spaces come from it); for inference without an env "
+                "load the exported Hugging Face folder with AutoModelForCausalLM.from_pretrained"
             )
-        self.n_iterations: int = getattr(self, "n_iterations", 0)
-        self.rollout_stats: dict[str, float] = getattr(self, "rollout_stats", {})
-        self._needs_reset = False  # True after a rollout that left some env mid-episode
+        return load_ppokl(cls, path, env, device, **kwargs)
 
     def _update_learning_rate(self, optimizers: list[torch.optim.Optimizer] | torch.optim.Optimizer) -> None:
         """SB3's schedule for the LM; the value head keeps its constant ``vf_learning_rate``."""
@@ -191,8 +221,8 @@ class PPOKL(PPO):
     ) -> bool:
         """Sample one episode per env with the policy's KV cache; store what ``train`` needs."""
         self.policy.set_training_mode(False)
-        if self._needs_reset or env.current_ref_logits is None:
-            self._last_obs = env.reset()
+        env.seed(self.rollout_seed())
+        self._last_obs = env.reset()
         prompt_ids, prompt_mask = trim_left_padding(self._last_obs["input_ids"], self._last_obs["attention_mask"])
         rollout_buffer.reset(prompt_ids, prompt_mask)
         callback.on_rollout_start()
@@ -202,13 +232,11 @@ class PPOKL(PPO):
             new_obs, dones = step.new_obs, step.dones
             callback.update_locals(locals())
             if not callback.on_step():
-                self._needs_reset = True
                 return False
             self._update_info_buffer(step.infos, dones)
             rollout_buffer.add(step)
         self._last_obs = new_obs
         self._last_episode_starts = dones
-        self._needs_reset = not bool(np.all(dones))
         rollout_seconds = time.perf_counter() - start
 
         beta = self.kl_controller.value

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from agents.advantages import KL_REWARDS
@@ -56,12 +58,16 @@ class Args:
     # run
     iters: int = _arg(50, "PPO iterations (rollout + update)")
     seed: int = _arg(0, "random seed")
-    out: str = _arg("runs/ppo_kl", "output directory: metrics.csv, checkpoint.zip, curves.png, SB3 logs")
-    device: str = _arg("cpu", "torch device")
+    out: str = _arg("runs/ppo_kl", "output directory: metrics.csv, checkpoint.safetensors, policy/, curves.png, SB3 logs")
+    device: str = _arg("cpu", "torch device: cpu, cuda, cuda:N or mps")
     eval_every: int = _arg(5, "evaluate on held-out prompts every N iterations (0: never)")
     eval_prompts: int = _arg(16, "held-out prompts per evaluation")
-    save_every: int = _arg(5, "write the checkpoint every N iterations (and at the end)")
-    resume: bool = _arg(False, "continue from the checkpoint in --out")
+    save_every: int = _arg(1, "write the checkpoint every N iterations (and at the end)")
+    resume: bool = _arg(False, "continue the run in --out from its checkpoint, with its args.json (a run stopped before its first checkpoint restarts)")
+
+
+# Flags a resumed run may change; any other flag given with --resume must equal the run's args.json.
+RESUMABLE_CHANGES = ("iters", "resume", "out", "device", "save_every")
 
 
 def _flag(name: str) -> str:
@@ -74,46 +80,106 @@ def _base_type(hint: Any) -> type:
     return hint
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        """Exit 2 with one line naming the flag (argparse's default also prints the usage block)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _config_error(message: str) -> ValueError:
+    return ValueError(f"--config: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="python -m agents.ppo_kl",
         description="PPO fine-tuning of a language model on IMDBContinuation-v0 with a KL penalty to the "
         "reference model (sampled or analytic KL in the reward, optional analytic KL gradient).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", type=Path, help="YAML file whose keys mirror these flags (flags override it)")
     hints = get_type_hints(Args)
     for f in dataclasses.fields(Args):
-        kind = _base_type(hints[f.name])
+        # default=None marks "not given" so that YAML and args.json can be layered under the flags
+        kind, text = _base_type(hints[f.name]), f"{f.metadata['help']} (default: {f.default})"
         if kind is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(_flag(f.name), type=kind, default=None, choices=f.metadata.get("choices"), help=f.metadata["help"])
+            parser.add_argument(_flag(f.name), type=kind, default=None, choices=f.metadata.get("choices"), help=text)
     return parser
 
 
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """A YAML value as the field's type (YAML reads 1e-5 as a string: numbers in strings are parsed)."""
+    kind = _base_type(hint)
+    if value is None and kind is not hint:
+        return None
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind in (int, float) and not isinstance(value, bool):
+        if isinstance(value, int) or (kind is float and isinstance(value, float)):
+            return kind(value)
+        if isinstance(value, str):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    if kind is str and isinstance(value, str):
+        return value
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+    raise _config_error(f"{name} must be {expected}, got {value!r}")
+
+
 def load_config(path: Path) -> dict[str, Any]:
-    """YAML keys (``kl_coef`` or ``kl-coef``) validated against the flags."""
+    """YAML keys (``kl_coef`` or ``kl-coef``) validated against the flags and typed like them."""
     if not path.is_file():
-        raise ValueError(f"--config: no such file {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise _config_error(f"no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise _config_error(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
-    known = {f.name for f in dataclasses.fields(Args)}
+        raise _config_error(f"{path} must hold a mapping of flag names to values, not a {type(data).__name__}")
     config = {str(key).replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(config) - known)
+    hints = get_type_hints(Args)
+    unknown = sorted(set(config) - set(hints))
     if unknown:
-        raise ValueError(f"--config: unknown keys {unknown} in {path}")
-    return config
+        raise _config_error(f"unknown keys {unknown} in {path}")
+    return {name: _typed(name, value, hints[name]) for name, value in config.items()}
+
+
+def _resumed(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` layered over the args.json of the run in --out; a contradiction is an error."""
+    saved_path = Path(values.get("out", Args.out)) / "args.json"
+    if not saved_path.is_file():
+        return values  # nothing to resume yet: the run restarts (see agents.ppo_kl)
+    known = {f.name for f in dataclasses.fields(Args)}
+    saved = {key: value for key, value in json.loads(saved_path.read_text()).items() if key in known}
+    conflicts = [
+        f"{_flag(key)} {values[key]!r} (the run has {saved[key]!r})"
+        for key in values
+        if key not in RESUMABLE_CHANGES and key in saved and values[key] != saved[key]
+    ]
+    if conflicts:
+        raise ValueError(
+            f"--resume: {', '.join(conflicts)} contradict {saved_path}; a resumed run keeps its settings "
+            f"(only {', '.join(map(_flag, RESUMABLE_CHANGES))} may change): drop them or start a new --out"
+        )
+    return {**saved, **values}
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """Defaults < YAML config < command-line flags; then validated."""
+    """Defaults < YAML config < command-line flags (with --resume: < the run's args.json < ...);
+    then validated. Any error exits 2 with one line naming the flag."""
     parser = build_parser()
     namespace = vars(parser.parse_args(argv))
     config_path = namespace.pop("config")
-    values = load_config(config_path) if config_path else {}
-    values.update({key: value for key, value in namespace.items() if value is not None})
+    try:
+        values = load_config(config_path) if config_path else {}
+        values.update({key: value for key, value in namespace.items() if value is not None})
+        if values.get("resume"):
+            values = _resumed(values)
+    except ValueError as error:
+        parser.error(str(error))
     args = Args(**values)
     errors = validate(args)
     if errors:
@@ -121,17 +187,49 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return args
 
 
+def _device_error(spec: str) -> str | None:
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        return f"--device must be cpu, cuda, cuda:N or mps, got {spec!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {spec}: no CUDA GPU is available here (torch.cuda.is_available() is False)"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {spec}: MPS is not available here"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"--device must be cpu, cuda, cuda:N or mps, got {spec!r}"
+    return None
+
+
+def _out_error(out: str) -> str | None:
+    for path in (Path(out), *Path(out).parents):
+        if path.exists():
+            return None if path.is_dir() else f"--out {out}: {path} is a file, not a directory"
+    return None
+
+
 def validate(args: Args) -> list[str]:
+    """Every out-of-range flag, checked before any model is loaded."""
     errors = []
-    for name in ("max_prompt_tokens", "max_new_tokens", "n_envs", "iters", "n_epochs", "batch_size", "eval_prompts", "save_every"):
+    for name in ("max_prompt_tokens", "max_new_tokens", "n_envs", "iters", "n_epochs", "batch_size", "eval_prompts", "save_every", "kl_horizon"):
         if getattr(args, name) < 1:
             errors.append(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
+    for name in ("learning_rate", "vf_learning_rate", "clip_range", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            errors.append(f"{_flag(name)} must be > 0, got {getattr(args, name)}")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(args, name) <= 1:
+            errors.append(f"{_flag(name)} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("ent_coef", "vf_coef", "eval_every", "positive_label"):
+        if not getattr(args, name) >= 0:
+            errors.append(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
     try:
         check_kl_options(args.kl_reward, args.kl_loss, args.analytic_grad, args.kl_coef)
     except ValueError as error:
         errors.append(str(error))
-    if args.target_kl is not None and args.target_kl <= 0:
+    if args.target_kl is not None and not args.target_kl > 0:
         errors.append(f"--target-kl must be > 0, got {args.target_kl}")
-    if args.eval_every < 0:
-        errors.append(f"--eval-every must be >= 0, got {args.eval_every}")
+    errors.extend(error for error in (_device_error(args.device), _out_error(args.out)) if error)
     return errors

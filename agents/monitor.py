@@ -1,4 +1,5 @@
-"""The CLI's SB3 callback: progress bar, metrics.csv, periodic evaluation, checkpoints, curves."""
+"""The CLI's SB3 callback: progress bar, metrics.csv, periodic evaluation, checkpoints, curves,
+and the trained policy as a Hugging Face folder at the end."""
 from __future__ import annotations
 
 import time
@@ -7,7 +8,7 @@ from pathlib import Path
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
-from agents.checkpoint import METRICS, read_metrics, save_checkpoint, write_metrics
+from agents.run_dir import METRICS, export_policy, read_rows, save_checkpoint, write_rows
 from agents.evaluation import evaluate
 from agents.plots import plot_curves
 from agents.vec_env import LMGymVecEnv
@@ -32,7 +33,10 @@ LOGGED = (
 
 class TrainingMonitor(BaseCallback):
     """After each PPO iteration (rollout + update): log a metrics row, evaluate and checkpoint on
-    schedule, stop after ``iters`` iterations."""
+    schedule, stop after ``iters`` iterations; then export the policy with ``tokenizer``.
+
+    The checkpoint is written after the iteration's evaluation, at the start of the next rollout,
+    so the RNG state it holds is the one the next iteration starts from."""
 
     def __init__(
         self,
@@ -41,6 +45,7 @@ class TrainingMonitor(BaseCallback):
         eval_env: LMGymVecEnv | None,
         eval_every: int,
         save_every: int,
+        tokenizer,
         n_samples: int = 3,
     ):
         super().__init__()
@@ -49,8 +54,9 @@ class TrainingMonitor(BaseCallback):
         self.eval_env = eval_env
         self.eval_every = eval_every
         self.save_every = save_every
+        self.tokenizer = tokenizer
         self.n_samples = n_samples
-        self.rows = read_metrics(out / METRICS)
+        self.rows = read_rows(out / METRICS)
         self._seen_iterations = 0
         self._iteration_start = time.perf_counter()
         self.bar: tqdm | None = None
@@ -60,7 +66,7 @@ class TrainingMonitor(BaseCallback):
         self.bar = tqdm(total=self.iters, initial=self._seen_iterations, desc="PPO-KL", unit="iter", dynamic_ncols=True)
         if self.eval_env is not None and self.eval_every and not self.rows:
             self.rows = [{"iteration": 0, "timesteps": 0, **self._evaluate()}]  # the untrained policy
-            write_metrics(self.out / METRICS, self.rows)
+            write_rows(self.out / METRICS, self.rows)
 
     def _on_rollout_start(self) -> None:
         self._finish_iteration()
@@ -71,6 +77,8 @@ class TrainingMonitor(BaseCallback):
 
     def _on_training_end(self) -> None:
         self._finish_iteration()
+        if self.model.n_iterations >= self.iters:
+            export_policy(self.model, self.tokenizer, self.out)
         if self.bar is not None:
             self.bar.close()
 
@@ -90,7 +98,7 @@ class TrainingMonitor(BaseCallback):
         if self.eval_env is not None and self.eval_every and (iteration % self.eval_every == 0 or iteration == self.iters):
             row.update(self._evaluate())
         self.rows = [r for r in self.rows if int(r["iteration"]) < iteration] + [row]
-        write_metrics(self.out / METRICS, self.rows)
+        write_rows(self.out / METRICS, self.rows)
         for key, value in row.items():
             if key.startswith("eval/"):
                 self.model.logger.record(key, value)

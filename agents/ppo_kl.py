@@ -2,8 +2,11 @@
 
     python -m agents.ppo_kl --analytic-grad --kl-reward analytic --iters 20 --out runs/analytic
 
-Writes ``metrics.csv``, ``checkpoint.zip`` (atomically), ``curves.png`` and SB3's CSV and
-TensorBoard logs into ``--out``; ``--resume`` continues from the checkpoint there.
+Writes into ``--out`` (see ``agents.run_dir``): ``metrics.csv``, ``checkpoint.safetensors``
+(every ``--save-every`` iterations), ``policy/`` (the trained LM as a Hugging Face folder, at the
+end), ``curves.png``, ``args.json`` and SB3's CSV and TensorBoard logs. ``--resume`` continues
+the run from its checkpoint exactly: the rows written after it are dropped, and the resumed
+iterations reproduce those of an uninterrupted run with the same seed.
 """
 from __future__ import annotations
 
@@ -14,14 +17,13 @@ from pathlib import Path
 
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
-from stable_baselines3.common.logger import configure
 
 import lmgym  # noqa: F401  (registers IMDBContinuation-v0)
 from lmgym.assets import AssetUnavailableError
 from agents.algorithm import PPOKL
-from agents.checkpoint import CHECKPOINT, METRICS, read_metrics, write_metrics
 from agents.config import Args, parse_args
 from agents.monitor import TrainingMonitor
+from agents.run_dir import ARGS, CHECKPOINT, RUN_FILES, atomic_write, make_logger, remove_stale_temporaries, rewind
 from agents.vec_env import LMGymVecEnv
 
 __all__ = ["PPOKL", "main"]
@@ -63,12 +65,9 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
     return LMGymVecEnv(train), LMGymVecEnv(evaluation)
 
 
-def build_model(args: Args, env: LMGymVecEnv, out: Path) -> PPOKL:
-    if args.resume:
-        model = PPOKL.load(out / CHECKPOINT, env=env, device=args.device)
-        rows = [row for row in read_metrics(out / METRICS) if int(row["iteration"]) <= model.n_iterations]
-        write_metrics(out / METRICS, rows)
-        return model
+def build_model(args: Args, env: LMGymVecEnv, out: Path, resume: bool) -> PPOKL:
+    if resume:
+        return PPOKL.load(out / CHECKPOINT, env=env, device=args.device)
     return PPOKL(
         "CausalLMPolicy",
         env,
@@ -94,29 +93,37 @@ def build_model(args: Args, env: LMGymVecEnv, out: Path) -> PPOKL:
     )
 
 
-def check_out_dir(args: Args, out: Path) -> None:
-    """Refuse to overwrite a previous run unless resuming it; refuse to resume nothing."""
-    if args.resume and not (out / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {out / CHECKPOINT}")
-    if not args.resume and ((out / CHECKPOINT).exists() or (out / METRICS).exists()):
-        raise FileExistsError(f"--out {out} already holds a run: pass --resume to continue it or choose another --out")
+def resumes_checkpoint(args: Args, out: Path) -> bool:
+    """Whether to load the checkpoint in ``out``; refuse to overwrite a run without --resume, and to
+    resume where there is no run. A run stopped before its first checkpoint restarts with --resume."""
+    has_checkpoint = (out / CHECKPOINT).is_file()
+    has_run = any((out / name).exists() for name in RUN_FILES)
+    if args.resume and not has_run:
+        raise FileNotFoundError(f"--resume: --out {out} holds no run to resume")
+    if not args.resume and has_run:
+        stopped = "" if has_checkpoint else " (stopped before its first checkpoint: --resume restarts it)"
+        raise FileExistsError(f"--out {out} already holds a run{stopped}: pass --resume to continue it or choose another --out")
+    if args.resume and not has_checkpoint:
+        print(f"--resume: {out} has no checkpoint yet (the run stopped before its first one): restarting it", file=sys.stderr)
+    return args.resume and has_checkpoint
 
 
 def train(args: Args) -> PPOKL:
     out = Path(args.out)
-    check_out_dir(args, out)
+    resume = resumes_checkpoint(args, out)
+    remove_stale_temporaries(out)
     env, eval_env = make_envs(args)
-    model = build_model(args, env, out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    model.set_logger(configure(str(out / "sb3_logs"), ["csv", "tensorboard"]))
-    monitor = TrainingMonitor(out, args.iters, eval_env, args.eval_every, args.save_every)
+    model = build_model(args, env, out, resume)
+    rewind(out, model.n_iterations, model.num_timesteps)
+    atomic_write(out / ARGS, lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(args), indent=2)))
+    model.set_logger(make_logger(out))
+    monitor = TrainingMonitor(out, args.iters, eval_env, args.eval_every, args.save_every, env.venv.task.tokenizer)
     remaining = max(args.iters - model.n_iterations, 0)
     if remaining:
         model.learn(
             total_timesteps=remaining * env.num_envs * model.n_steps,
             callback=monitor,
-            reset_num_timesteps=not args.resume,
+            reset_num_timesteps=not resume,
         )
     return model
 
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (FileExistsError, FileNotFoundError, ValueError, FloatingPointError, AssetUnavailableError) as error:
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, FloatingPointError, AssetUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

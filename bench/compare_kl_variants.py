@@ -31,7 +31,7 @@ def run(config: Path, out: Path, seed: int, flags: list[str], iters: int) -> lis
     rows = list(csv.DictReader(metrics.open())) if metrics.exists() else []
     if not rows or int(rows[-1]["iteration"]) < iters:
         command = [sys.executable, "-m", "agents.ppo_kl", "--config", str(config), "--out", str(out), "--seed", str(seed)]
-        subprocess.run(command + flags + (["--resume"] if (out / "checkpoint.zip").exists() else []), check=True)
+        subprocess.run(command + flags + (["--resume"] if (out / "checkpoint.safetensors").exists() else []), check=True)
         rows = list(csv.DictReader(metrics.open()))
     return rows
 

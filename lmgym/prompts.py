@@ -42,17 +42,21 @@ def held_out_split(rows: list[str], split: str) -> list[str]:
 def _read_text_column(builder: str, data_files: str | None, split: str, spec: str) -> list[str]:
     import datasets
 
-    try:
-        if data_files is None:
+    if data_files is None:
+        try:
             data = datasets.load_dataset(builder, split=split)
-        else:
+        except (OSError, ConnectionError) as error:
+            raise hub_unavailable(spec, error) from error
+    else:
+        try:
             data = datasets.load_dataset(builder, data_files=data_files, split="train")
-    except (OSError, ConnectionError) as error:
-        if data_files is not None:
-            raise
-        raise hub_unavailable(spec, error) from error
+        except Exception as error:  # datasets raises many types for an empty or malformed file
+            cause = error.__cause__ or error
+            raise ValueError(
+                f"dataset {spec!r} is empty or not a readable {builder} file ({type(cause).__name__}: {cause})"
+            ) from None
     if "text" not in data.column_names:
-        raise ValueError(f"{spec!r} has no 'text' column (columns: {data.column_names})")
+        raise ValueError(f"dataset {spec!r} has no 'text' column (columns: {data.column_names})")
     return list(data["text"])
 
 
@@ -77,5 +81,5 @@ def load_prompts(spec: str = BUNDLED, split: str = "train", max_prompts: int | N
     if max_prompts is not None:
         prompts = prompts[:max_prompts]
     if not prompts:
-        raise ValueError(f"the prompt set {spec!r} (split {split!r}) is empty")
+        raise ValueError(f"dataset {spec!r} (split {split!r}) is empty (no non-blank prompts)")
     return prompts

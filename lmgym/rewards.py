@@ -34,9 +34,16 @@ class ClassifierReward:
     """Softmax probability of class ``positive_label`` under a sequence classifier."""
 
     def __init__(self, spec: str, positive_label: int = 1, device: str | torch.device = "cpu", batch_size: int = 32):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         try:
+            architectures = AutoConfig.from_pretrained(spec).architectures or []
+            if not any(name.endswith("ForSequenceClassification") for name in architectures):
+                raise ValueError(
+                    f"reward {spec!r} is not a text-classification model (its config lists the architectures "
+                    f"{architectures}; a ...ForSequenceClassification model is needed): its classification head "
+                    "would be randomly initialised"
+                )
             self.tokenizer = AutoTokenizer.from_pretrained(spec)
             self.model = AutoModelForSequenceClassification.from_pretrained(spec).to(device).eval()
         except OSError as error:

@@ -7,6 +7,7 @@ configuration, tokenises prompts and lays sequences out as left-padded observati
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -127,10 +128,15 @@ class ContinuationTask:
         return prompt, list(token_ids)
 
     def check_action(self, action) -> int:
-        """``action`` as an int, or a ValueError if it is not a token id."""
-        if not 0 <= int(action) < self.vocab_size or int(action) != action:
-            raise ValueError(f"action {action!r} is not a token id in [0, {self.vocab_size})")
-        return int(action)
+        """``action`` as an int, or a ValueError if it is not an integer token id (floats such as
+        3.0 and booleans are refused: they are not token ids, even when they convert to one)."""
+        try:
+            token = operator.index(action)
+        except TypeError:
+            token = None
+        if token is None or isinstance(action, (bool, np.bool_)) or not 0 <= token < self.vocab_size:
+            raise ValueError(f"action {action!r} is not an integer token id in [0, {self.vocab_size})")
+        return token
 
     def observation(self, sequences: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
         """``[N, max_prompt_tokens + max_new_tokens]`` left-padded observation of N sequences."""

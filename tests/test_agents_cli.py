@@ -1,4 +1,5 @@
-"""``python -m agents.ppo_kl`` as a user runs it: a short run, resume, and bad input."""
+"""``python -m agents.ppo_kl`` as a user runs it: a short run, resume, and bad input (every bad
+input: exit code 2, one line naming the flag, no traceback, nothing in --out touched)."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import torch
 
 from agents.config import build_parser, parse_args
 from agents.ppo_kl import main
@@ -30,7 +33,7 @@ def test_cli_runs_analytic_grad_writes_outputs_and_resumes(tiny_lm_path, tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     assert "iter   2" in done.stderr + done.stdout
     assert "eval: sentiment" in done.stderr + done.stdout
-    for name in ("metrics.csv", "checkpoint.zip", "curves.png", "args.json"):
+    for name in ("metrics.csv", "checkpoint.safetensors", "curves.png", "args.json", "policy/model.safetensors"):
         assert (out / name).is_file(), name
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("iteration,") and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
@@ -44,50 +47,117 @@ def test_cli_runs_analytic_grad_writes_outputs_and_resumes(tiny_lm_path, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = (out / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
+    progress = (out / "sb3_logs" / "progress.csv").read_text().splitlines()
+    assert len(progress) == 1 + 3  # appended on resume: one row per iteration
 
 
-def test_help_documents_every_flag(capsys):
+def test_help_documents_every_flag_with_its_real_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())
     for flag in ("--analytic-grad", "--kl-reward", "--kl-loss", "--kl-coef", "--target-kl", "--resume", "--config", "--eval-every"):
         assert flag in text
+    for default in ("(default: 0.1)", "(default: k1)", "(default: runs/ppo_kl)", "(default: 0.99)", "(default: False)"):
+        assert default in text
+    assert text.count("(default: None)") == 2  # --target-kl and --kl-loss, whose default is None
 
 
 def test_yaml_config_is_overridden_by_flags(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("kl-coef: 0.05\nkl_reward: analytic\niters: 7\n")
+    config.write_text("kl-coef: 0.05\nkl_reward: analytic\niters: 7\nlearning_rate: 1e-5\n")
     args = parse_args(["--config", str(config), "--iters", "3"])
-    assert (args.kl_coef, args.kl_reward, args.iters) == (0.05, "analytic", 3)
-    config.write_text("kl_coefficient: 1\n")
-    with pytest.raises(ValueError, match="kl_coefficient"):
-        parse_args(["--config", str(config)])
+    assert (args.kl_coef, args.kl_reward, args.iters, args.learning_rate) == (0.05, "analytic", 3, 1e-5)
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+CONFIGS = {
+    "missing": None,
+    "list": "- iters\n- 3\n",
+    "unknown": "kl_coefficient: 1\n",
+    "syntax": "iters: [1,\n",
+    "type": "iters: three\n",
+}
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "case, named",
     [
-        ["--kl-reward", "k4"],
-        ["--kl-loss", "k3"],
-        ["--analytic-grad", "--kl-loss", "k3-loss"],
-        ["--max-new-tokens", "0"],
-        ["--target-kl", "-1"],
+        *[(f"config-{name}", "--config") for name in CONFIGS],
+        ("config-type", "iters"),
+        ("--device cuda", "--device"),
+        ("--device bogus", "--device"),
+        ("--out under a file", "--out"),
+        ("--iters three", "--iters"),
+        ("--clip-range -0.5", "--clip-range"),
+        ("--gamma 5", "--gamma"),
+        ("--gae-lambda -3", "--gae-lambda"),
+        ("--learning-rate 0", "--learning-rate"),
+        ("--kl-reward k4", "--kl-reward"),
+        ("--max-new-tokens 0", "--max-new-tokens"),
+        ("--target-kl -1", "--target-kl"),
+        ("empty csv dataset", "dataset"),
+        ("reward is a causal LM", "reward"),
     ],
 )
-def test_bad_flags_exit_non_zero_with_a_message(argv, capsys):
+def test_bad_input_one_line_error_exit_2_and_out_untouched(case, named, tiny_lm_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    flags = tiny_run_flags(tiny_lm_path, out, 1)
+    if case.startswith("config-"):
+        config = tmp_path / "c.yaml"
+        if CONFIGS[case.removeprefix("config-")] is not None:
+            config.write_text(CONFIGS[case.removeprefix("config-")])
+        flags += ["--config", str(config)]
+    elif case == "--device cuda":
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is available here")
+        flags += case.split()
+    elif case == "--out under a file":
+        (tmp_path / "file").write_text("")
+        flags += ["--out", str(tmp_path / "file" / "run")]
+    elif case == "empty csv dataset":
+        (tmp_path / "empty.csv").write_text("text\n")
+        flags += ["--dataset", str(tmp_path / "empty.csv")]
+    elif case == "reward is a causal LM":
+        flags += ["--reward", tiny_lm_path]
+    else:
+        flags += case.split()
+    code, err = run_main(flags, capsys)
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "error" in last and named in last, err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_resume_with_contradicting_flags_names_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text('{"kl_coef": 0.1, "iters": 2, "seed": 0}')
+    args = parse_args(["--out", str(out), "--resume", "--iters", "5"])  # iters may change; the rest comes from args.json
+    assert (args.iters, args.kl_coef) == (5, 0.1)
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(argv)
+        parse_args(["--out", str(out), "--resume", "--kl-coef", "0.2", "--seed", "0"])
     assert exit_info.value.code == 2
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--kl-coef 0.2" in err and "--seed" not in err.split("contradict")[0]
 
 
-def test_resume_without_checkpoint_fails_and_touches_nothing(tiny_lm_path, tmp_path, capsys):
+def test_resume_without_a_run_fails_and_touches_nothing(tiny_lm_path, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     assert main(tiny_run_flags(tiny_lm_path, out, 1) + ["--resume"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "no run to resume" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 

@@ -141,12 +141,22 @@ def test_bad_kwargs(tiny_lm_path, tiny_prompts, bad, error, match):
         gym.make("IMDBContinuation-v0", **kwargs)
 
 
-def test_action_outside_vocabulary(env_kwargs):
+def test_action_that_is_not_an_integer_token_id(env_kwargs):
+    """Out of range, or not an integer even when it converts to one (3.0, True)."""
     env = IMDBContinuationEnv(**env_kwargs)
     env.reset(seed=0)
-    for action in (-1, env.action_space.n, 2.5):
-        with pytest.raises(ValueError, match="token id"):
+    for action in (-1, env.action_space.n, 2.5, 3.0, np.float64(3.0), True, np.True_, "3"):
+        with pytest.raises(ValueError, match="integer token id"):
             env.step(action)
+    env.step(np.int64(3))  # numpy integers, as Discrete.sample() returns, are token ids
+
+
+def test_vector_env_refuses_float_and_bool_actions(env_kwargs):
+    envs = gym.make_vec("IMDBContinuation-v0", num_envs=2, vectorization_mode="vector_entry_point", **env_kwargs)
+    envs.reset(seed=0)
+    for actions in ([3.0, 4.0], [True, False]):
+        with pytest.raises(ValueError, match="integer token id"):
+            envs.step(np.array(actions))
 
 
 def test_reference_vocab_mismatch(tiny_lm_path, tiny_lm_other_vocab_path, tiny_prompts):
