@@ -1,9 +1,9 @@
 """IMDBContinuation as a truly batched vector env: one reference-model forward per step for all envs.
 
 The N sequences are decoded together by an ``IncrementalDecoder`` whose KV cache is carried across
-steps, so a step costs one forward of length 1. When some sub-envs start a new episode the cache is
-rebuilt by prefilling all current (left-padded) sequences; when all start together, that is just the
-new prompts.
+steps, so a step costs one forward of length 1. When some sub-envs start a new episode, only their
+new prompts are encoded and spliced into the cache (``IncrementalDecoder.replace_rows``); the other
+rows keep theirs.
 
 Autoreset (``autoreset_mode``, Gymnasium's conventions, https://farama.org/Vector-Autoreset-Mode):
 
@@ -18,7 +18,7 @@ observations and ``ref_logprob`` (N,) of the actions just taken are present for 
 ``prompt`` for sub-envs that started an episode (its new prompt) or finished one (the finished
 episode's prompt, as in the single env); ``continuation`` and ``sentiment`` for sub-envs that
 finished an episode. In ``SAME_STEP`` mode the finished episode's keys are inside ``final_info``.
-A finishing step in ``SAME_STEP`` mode costs one cached forward and one prefill.
+A finishing step in ``SAME_STEP`` mode costs one cached forward and one encode of the new prompts.
 
 Seeding: ``reset(seed=s)`` seeds one generator (``self.np_random``) from which all sub-envs draw
 their prompts in order, so a seed fixes the whole sequence of prompts.
@@ -73,12 +73,18 @@ class IMDBContinuationVectorEnv(VectorEnv):
         return self.tokens[i][len(self.tokens[i]) - self.num_generated[i] :]
 
     def _start_episodes(self, envs: np.ndarray, infos: dict) -> dict:
-        """Draw new prompts for the sub-envs where ``envs`` is True and re-encode all sequences."""
-        for i in np.flatnonzero(envs):
+        """Draw new prompts for the sub-envs where ``envs`` is True and encode only those."""
+        rows = np.flatnonzero(envs)
+        for i in rows:
             self.prompts[i], self.tokens[i] = self.task.sample_prompt(self.np_random)
             self.num_generated[i] = 0
             infos = self._add_info(infos, {"prompt": self.prompts[i]}, i)
-        self.ref_logits = self.decoder.prefill(*self.task.batch(self.tokens)).logits
+        if envs.all() or not self.decoder.can_replace_rows:
+            self.ref_logits = self.decoder.prefill(*self.task.batch(self.tokens)).logits
+        else:
+            index = torch.from_numpy(rows).to(self.ref_logits.device)
+            new = self.decoder.replace_rows(index, *self.task.batch([self.tokens[i] for i in rows])).logits
+            self.ref_logits = self.ref_logits.index_copy(0, index, new)  # not in place: infos hold views
         return infos
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -102,10 +108,10 @@ class IMDBContinuationVectorEnv(VectorEnv):
         self.num_generated[active] += 1
 
         infos: dict = {}
+        if not restarting.all():
+            self.ref_logits = self.decoder.append(action_ids).logits  # restarting rows are replaced next
         if restarting.any():
             infos = self._start_episodes(restarting, infos)
-        else:
-            self.ref_logits = self.decoder.append(action_ids).logits
         ended = [self.task.episode_end(int(a), n) for a, n in zip(actions, self.num_generated)]
         terminated = active & np.array([t for t, _ in ended])
         truncated = active & np.array([t for _, t in ended])

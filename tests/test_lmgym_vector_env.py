@@ -61,6 +61,25 @@ def test_steady_state_is_one_forward_of_length_one(vec_kwargs):
     assert calls[1:] == [(N, 1)] * 3
 
 
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_restart_encodes_only_the_new_prompts(vec_kwargs, mode):
+    """A sub-env that starts a new episode costs an encode of its prompt alone, not of every row."""
+    envs = IMDBContinuationVectorEnv(autoreset_mode=mode, **vec_kwargs)
+    calls = []
+    envs.task.ref_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    envs.reset(seed=0)
+    actions = non_eos_actions(envs, 0)
+    actions[[1, 3]] = envs.task.eos_id
+    envs.step(actions)
+    if mode == AutoresetMode.NEXT_STEP:
+        envs.step(non_eos_actions(envs, 1))
+    one_token_steps = 2 if mode == AutoresetMode.NEXT_STEP else 1
+    assert calls[1:-1] == [(N, 1)] * one_token_steps
+    assert calls[-1] == (2, max(len(envs.tokens[i]) for i in (1, 3)))
+
+
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP, "NextStep", "SameStep"])
 def test_ref_logits_match_full_forward_with_forced_eos(vec_kwargs, mode):
     envs = IMDBContinuationVectorEnv(autoreset_mode=mode, **vec_kwargs)

@@ -1,0 +1,243 @@
+"""One PPOKL iteration against a straightforward Hugging Face baseline of the same work and the FLOP floor.
+
+In one process, alternating round by round (so that load from other processes hits all alike):
+
+- ``PPOKL analytic``: ``collect_rollouts`` + ``train`` of the config (demo: analytic KL reward and
+  analytic gradient);
+- ``PPOKL k1``: the same model with the k1 reward and no analytic gradient (the exact KL is still
+  computed in the rollout for the ``rollout/kl_analytic`` metric), to price the analytic KL;
+- ``HF baseline`` (a stand-in for TRL's online trainer): the policy's ``generate`` with sampling,
+  one no-grad policy forward (old log-probs, values) and one reference forward over the finished
+  sequences, reward scoring, k1-shaped rewards and GAE, then the PPO forward/backward and a
+  default (foreach) AdamW step per minibatch; its own copies of the policy and reference.
+
+The FLOP floor is the matmul work of the iteration at the measured GEMM rate: ``torch.nn.functional.linear``
+with the model's own weight shapes on a batch of ``n_envs x (prompt + new)`` token rows. A forward
+costs 2 FLOPs per weight per token (the output layer only at the positions whose logits are needed),
+a forward + backward 3x that. Rollout: policy and reference over every prompt and generated token.
+Update: ``n_epochs`` forward + backward passes of the policy over the sequences. Attention scores
+(about 1 % at these lengths) are left out, so the floor is a lower bound.
+
+    python bench/bench_iteration.py [--config configs/demo.yaml] [--rounds 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import time
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.logger import Logger
+from torch import nn
+
+from agents.advantages import gae, shaped_rewards
+from agents.algorithm import PPOKL
+from agents.config import Args, parse_args
+from agents.ppo_kl import build_model, make_envs
+import kl_estimators
+from lmgym.assets import load_causal_lm
+from lmgym.decoding import position_ids_from_mask
+from lmgym.task import ContinuationTask
+
+
+def quiet(model: PPOKL) -> PPOKL:
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
+
+
+def ppokl_iteration(model: PPOKL, callback: CallbackList, kl_reward: str, analytic_grad: bool) -> tuple[float, float]:
+    """Seconds of one rollout and one update of ``model`` with the given KL handling."""
+    model.kl_reward, model.analytic_grad = kl_reward, analytic_grad
+    start = time.perf_counter()
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    middle = time.perf_counter()
+    model.train()
+    return middle - start, time.perf_counter() - middle
+
+
+class HFBaseline:
+    """Generate, score, PPO-update: the plain Hugging Face way, with the task's prompts and reward."""
+
+    def __init__(self, args: Args, task: ContinuationTask, policy: nn.Module, value_head: nn.Module, seed: int):
+        self.args = args
+        self.task = task
+        self.policy = copy.deepcopy(policy)
+        self.value_head = copy.deepcopy(value_head)
+        self.ref = task.ref_model
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.policy.parameters()}, {"params": self.value_head.parameters(), "lr": args.vf_learning_rate}],
+            lr=args.learning_rate,
+            weight_decay=0.0,
+        )
+        self.rng = np.random.default_rng(seed)
+
+    def forward(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-softmax [B, n, V] at the positions that predict the last ``n`` tokens, final hidden [B, n, H]."""
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            logits_to_keep=n + 1,
+            output_hidden_states=True,
+        )
+        return out.logits[:, :-1].float().log_softmax(-1), out.hidden_states[-1][:, -n - 1 : -1]
+
+    def rollout(self) -> dict[str, torch.Tensor]:
+        args, task = self.args, self.task
+        prompt_ids, prompt_mask = task.batch([task.sample_prompt(self.rng)[1] for _ in range(args.n_envs)])
+        with torch.no_grad():
+            ids = self.policy.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=args.max_new_tokens,
+                pad_token_id=task.pad_id,
+                eos_token_id=task.eos_id,
+            )
+            actions = ids[:, prompt_ids.shape[1] :]
+            ended = (actions == task.eos_id).long().cumsum(1)
+            mask = (ended - (actions == task.eos_id).long()) == 0  # up to and including the first EOS
+            attention = torch.cat([prompt_mask, mask.long()], dim=1)
+            n = actions.shape[1]
+            logp, hidden = self.forward(self.policy, ids, attention, n)
+            ref_logp, _ = self.forward(self.ref, ids, attention, n)
+            logprobs = logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+            ref_logprobs = ref_logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+            values = self.value_head(hidden).squeeze(-1) * mask
+            texts = [task.decode(row[m].tolist()) for row, m in zip(actions, mask)]
+            scores = torch.as_tensor(task.score(texts))
+            kl = kl_estimators.k1(logprobs, ref_logprobs, mask)
+            rewards = shaped_rewards(scores, kl, self.args.kl_coef, mask)
+            advantages, returns = gae(rewards, values, mask, args.gamma, args.gae_lambda)
+        return dict(ids=ids, attention=attention, actions=actions, mask=mask, logprobs=logprobs, advantages=advantages, returns=returns)
+
+    def update(self, data: dict[str, torch.Tensor]) -> None:
+        args = self.args
+        n_rows, n = data["actions"].shape
+        per_batch = max(1, round(args.batch_size / n))
+        for _ in range(args.n_epochs):
+            for rows in torch.randperm(n_rows).split(per_batch):
+                mask = data["mask"][rows].float()
+                logp, hidden = self.forward(self.policy, data["ids"][rows], data["attention"][rows], n)
+                logprobs = logp.gather(-1, data["actions"][rows].unsqueeze(-1)).squeeze(-1)
+                values = self.value_head(hidden.detach()).squeeze(-1)
+                ratio = (logprobs - data["logprobs"][rows]).exp()
+                adv = data["advantages"][rows]
+                clipped = ratio.clamp(1 - args.clip_range, 1 + args.clip_range)
+                policy_loss = -(torch.min(adv * ratio, adv * clipped) * mask).sum() / mask.sum()
+                value_loss = ((data["returns"][rows] - values) ** 2 * mask).sum() / mask.sum()
+                self.optimizer.zero_grad()
+                (policy_loss + args.vf_coef * value_loss).backward()
+                torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()) + list(self.value_head.parameters()), args.max_grad_norm)
+                self.optimizer.step()
+
+    def iteration(self) -> tuple[float, float]:
+        start = time.perf_counter()
+        data = self.rollout()
+        middle = time.perf_counter()
+        self.update(data)
+        return middle - start, time.perf_counter() - middle
+
+
+def gemm_rate(model: nn.Module, rows: int, repeats: int = 5) -> float:
+    """FLOP/s of ``F.linear`` over every Linear weight of ``model`` (lm_head included) on ``rows`` token rows."""
+    shapes = [module.weight.shape for module in model.modules() if isinstance(module, nn.Linear)]
+    flops, seconds = 0.0, 0.0
+    for shape in sorted(set(shapes)):
+        weight = torch.randn(shape)
+        x = torch.randn(rows, shape[1])
+        torch.nn.functional.linear(x, weight)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            times.append(time.perf_counter() - start)
+        count = shapes.count(shape)
+        flops += count * 2 * rows * shape[0] * shape[1]
+        seconds += count * statistics.median(times)
+    return flops / seconds
+
+
+def floor_flops(model: nn.Module, n_envs: int, prompt: int, new: int, n_epochs: int) -> tuple[float, float]:
+    """(rollout, update) matmul FLOPs, as in the module docstring."""
+    head = model.get_output_embeddings().weight.numel()
+    trunk = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - head
+    forward = 2 * trunk * n_envs * (prompt + new - 1) + 2 * head * n_envs * new
+    return 2 * forward, 3 * n_epochs * forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the three contenders (the first is warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+
+    load_causal_lm()  # make sure the converted model is cached
+    start = time.perf_counter()
+    load_causal_lm()
+    load_seconds = time.perf_counter() - start
+
+    args = parse_args(["--config", options.config, "--eval-every", "0", "--seed", str(options.seed)])
+    env, _ = make_envs(args)
+    model = quiet(build_model(args, env, out=None))  # type: ignore[arg-type]
+    _, callback = model._setup_learn(10**9, CallbackList([]))
+    callback.on_training_start(locals(), globals())
+    baseline = HFBaseline(args, env.venv.task, model.policy.lm, model.policy.value_head, options.seed)
+
+    times: dict[str, list[tuple[float, float]]] = {"PPOKL analytic": [], "PPOKL k1": [], "HF baseline": []}
+    for round_ in range(options.rounds):
+        for name in times:
+            gc.collect()
+            if name == "HF baseline":
+                result = baseline.iteration()
+            else:
+                result = ppokl_iteration(model, callback, *(("analytic", True) if name == "PPOKL analytic" else ("k1", False)))
+            if round_:
+                times[name].append(result)
+            print(f"round {round_} {name}: rollout {result[0]:.2f} s, update {result[1]:.2f} s", flush=True)
+
+    rate = gemm_rate(model.policy.lm, args.n_envs * (args.max_prompt_tokens + args.max_new_tokens))
+    rollout_flops, update_flops = floor_flops(
+        model.policy.lm, args.n_envs, args.max_prompt_tokens, args.max_new_tokens, args.n_epochs
+    )
+    floor = {"rollout": rollout_flops / rate, "update": update_flops / rate}
+    medians = {
+        name: {"rollout": statistics.median(r for r, _ in rows), "update": statistics.median(u for _, u in rows),
+               "iteration": statistics.median(r + u for r, u in rows)}
+        for name, rows in times.items()
+    }
+    ours, k1, hf = medians["PPOKL analytic"], medians["PPOKL k1"], medians["HF baseline"]
+    print(f"\n{options.config}: {args.n_envs} envs x ({args.max_prompt_tokens} + {args.max_new_tokens}) tokens, "
+          f"{args.n_epochs} epoch(s), batch {args.batch_size}; torch threads {torch.get_num_threads()}; "
+          f"medians of {options.rounds - 1} rounds after 1 warm-up\n")
+    print("| contender | rollout (s) | update (s) | iteration (s) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, m in medians.items():
+        print(f"| {name} | {m['rollout']:.2f} | {m['update']:.2f} | {m['iteration']:.2f} |")
+    print(f"| FLOP floor at {rate / 1e9:.0f} GFLOP/s | {floor['rollout']:.2f} | {floor['update']:.2f} | "
+          f"{floor['rollout'] + floor['update']:.2f} |")
+    print()
+    print(f"- PPOKL analytic / HF baseline, iteration: {ours['iteration'] / hf['iteration']:.2f} "
+          f"(rollout {ours['rollout'] / hf['rollout']:.2f}, update {ours['update'] / hf['update']:.2f})")
+    print(f"- PPOKL k1 / HF baseline, iteration: {k1['iteration'] / hf['iteration']:.2f}")
+    print(f"- PPOKL rollout / floor: {ours['rollout'] / floor['rollout']:.2f}; update / floor: {ours['update'] / floor['update']:.2f}")
+    print(f"- HF baseline rollout / floor: {hf['rollout'] / floor['rollout']:.2f}; update / floor: {hf['update'] / floor['update']:.2f}")
+    print(f"- analytic KL (reward + gradient) share of the iteration vs k1: "
+          f"{(ours['iteration'] - k1['iteration']) / ours['iteration']:+.1%}")
+    print(f"- embedded model load, cached: {load_seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
