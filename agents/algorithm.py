@@ -191,7 +191,7 @@ class PPOKL(PPO):
     ) -> bool:
         """Sample one episode per env with the policy's KV cache; store what ``train`` needs."""
         self.policy.set_training_mode(False)
-        if self._needs_reset or env.current_ref_logits is None:
+        if self._needs_reset or not env.venv.started:
             self._last_obs = env.reset()
         prompt_ids, prompt_mask = trim_left_padding(self._last_obs["input_ids"], self._last_obs["attention_mask"])
         rollout_buffer.reset(prompt_ids, prompt_mask)

@@ -21,7 +21,7 @@ import torch
 from stable_baselines3.common.callbacks import CallbackList
 
 import kl_estimators
-from agents import algorithm, sampling
+from agents import algorithm
 from agents.config import parse_args
 from agents.ppo_kl import build_model, make_envs
 from bench_iteration import quiet
@@ -80,7 +80,8 @@ def instrument(model, phases: Phases) -> None:
     phases.wrap(env.task, "decode", "env: detokenise")
     phases.wrap(env.task, "sample_prompt", "env: draw + tokenise prompts")
     phases.wrap(kl_estimators, "analytic", "analytic KL (rollout, per step)")
-    phases.wrap(sampling, "sample_episodes", "rollout: sampling, value head, copies")
+    phases.wrap(model, "collect_rollouts", "rollout: rest (sampling, value head, copies, stats)")
+    phases.wrap(model, "train", "update: rest (losses, metrics)")
     phases.wrap(model.rollout_buffer, "add", "rollout: buffer add")
     phases.wrap(model.rollout_buffer, "compute_returns_and_advantage", "rollout: rewards + GAE")
     phases.wrap(model.policy, "sequence_forward", "update: policy forward")

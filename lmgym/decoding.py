@@ -20,6 +20,34 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def contiguous_output_layer(model: PreTrainedModel) -> PreTrainedModel:
+    """Make ``model``'s output layer receive contiguous hidden states (idempotent; values unchanged).
+
+    With ``logits_to_keep`` a causal LM feeds its output layer a strided slice ``h[:, -k:]`` of the
+    hidden states; a Linear on such a 3-D view runs as a batched multiply with the weight expanded
+    per row, 7x slower on CPU than the same product on a contiguous copy (measured with
+    SmolLM2's 49,152 x 576 output layer, 24 rows).
+    """
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_lmgym_contiguous_input", False):
+        head.register_forward_pre_hook(lambda module, args: tuple(a.contiguous() for a in args))
+        head._lmgym_contiguous_input = True
+    return model
+
+
+def forward_last(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, **kwargs):
+    """``model``'s output over a left-padded batch with the logits of the last ``n`` positions only
+    (positions from the mask; no cache). ``kwargs`` go to the model, e.g. ``output_hidden_states``."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=n,
+        use_cache=False,
+        **kwargs,
+    )
+
+
 @dataclass
 class DecoderOutput:
     logits: torch.Tensor  # [B, V] float32 next-token logits at the last position
@@ -35,7 +63,7 @@ class IncrementalDecoder:
     """
 
     def __init__(self, model: PreTrainedModel, output_hidden: bool = False):
-        self.model = model
+        self.model = contiguous_output_layer(model)
         self.output_hidden = output_hidden
         # transformers >= 5.24 names the cache argument `cache`; earlier versions `past_key_values`.
         parameters = inspect.signature(model.forward).parameters

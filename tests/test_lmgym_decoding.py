@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmgym.assets import load_causal_lm
-from lmgym.decoding import IncrementalDecoder, position_ids_from_mask
+from lmgym.decoding import IncrementalDecoder, contiguous_output_layer, forward_last, position_ids_from_mask
 from lmgym.task import left_pad
 
 
@@ -139,3 +139,15 @@ def test_replace_rows_equals_full_prefill(tiny_model, lengths, new_lengths, repl
             row.append(token)
         out = decoder.append(torch.tensor(column))
         check_rows(model, out, sequences, range(len(sequences)))
+
+
+def test_contiguous_output_layer_keeps_logits_and_feeds_a_contiguous_input(tiny_lm_path):
+    model, _ = load_causal_lm(tiny_lm_path)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 10, 11, 12]])
+    mask = (ids != 0).long()
+    expected = forward_last(model, ids, mask, 3).logits
+    seen = []
+    head = contiguous_output_layer(contiguous_output_layer(model)).get_output_embeddings()
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    torch.testing.assert_close(forward_last(model, ids, mask, 3).logits, expected)
+    assert seen == [True] and len(head._forward_pre_hooks) == 2  # ours once, the recorder
