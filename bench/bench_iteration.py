@@ -9,14 +9,18 @@ In one process, alternating round by round (so that load from other processes hi
 - ``HF baseline`` (a stand-in for TRL's online trainer): the policy's ``generate`` with sampling,
   one no-grad policy forward (old log-probs, values) and one reference forward over the finished
   sequences, reward scoring, k1-shaped rewards and GAE, then the PPO forward/backward and a
-  default (foreach) AdamW step per minibatch; its own copies of the policy and reference.
+  default (foreach) AdamW step per minibatch; its own copy of the policy, the env's reference.
+  Like TRL it computes logits at every position and slices the generated ones.
 
-The FLOP floor is the matmul work of the iteration at the measured GEMM rate: ``torch.nn.functional.linear``
-with the model's own weight shapes on a batch of ``n_envs x (prompt + new)`` token rows. A forward
-costs 2 FLOPs per weight per token (the output layer only at the positions whose logits are needed),
-a forward + backward 3x that. Rollout: policy and reference over every prompt and generated token.
-Update: ``n_epochs`` forward + backward passes of the policy over the sequences. Attention scores
-(about 1 % at these lengths) are left out, so the floor is a lower bound.
+The FLOP floor is the matmul work of the iteration at the measured GEMM rate
+(``torch.nn.functional.linear`` with the model's own weight shapes on ``n_envs x (prompt + new)``
+token rows, the shape of a whole-batch forward). A forward costs 2 FLOPs per weight per token, the
+output layer only where logits are needed: the states s_0..s_{T-1} of each row (its prompt and
+T - 1 generated tokens through the trunk, T positions through the output layer). Rollout: that
+forward for the policy and for the reference; update: forward + backward (3x) per epoch. Attention
+scores (about 1 % at these lengths) are left out, so the floor is a lower bound. The same count for
+the baseline's work (whole sequences, logits everywhere, one more policy forward) gives the ratio
+PPOKL / baseline that equal matmul efficiency would give.
 
     python bench/bench_iteration.py [--config configs/demo.yaml] [--rounds 5] [--threads 1]
 """
@@ -77,15 +81,10 @@ class HFBaseline:
         self.rng = np.random.default_rng(seed)
 
     def forward(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-softmax [B, n, V] at the positions that predict the last ``n`` tokens, final hidden [B, n, H]."""
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            logits_to_keep=n + 1,
-            output_hidden_states=True,
-        )
-        return out.logits[:, :-1].float().log_softmax(-1), out.hidden_states[-1][:, -n - 1 : -1]
+        """Log-softmax [B, n, V] at the positions that predict the last ``n`` tokens, final hidden
+        [B, n, H]; logits at every position, then sliced, as TRL's trainers do."""
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), output_hidden_states=True)
+        return out.logits[:, -n - 1 : -1].float().log_softmax(-1), out.hidden_states[-1][:, -n - 1 : -1]
 
     def rollout(self) -> dict[str, torch.Tensor]:
         args, task = self.args, self.task
@@ -166,12 +165,23 @@ def gemm_rate(model: nn.Module, rows: int, repeats: int = 5) -> float:
     return flops / seconds
 
 
-def floor_flops(model: nn.Module, n_envs: int, prompt: int, new: int, n_epochs: int) -> tuple[float, float]:
-    """(rollout, update) matmul FLOPs, as in the module docstring."""
+def forward_flops(model: nn.Module, tokens: int, logit_positions: int) -> float:
+    """Matmul FLOPs of a forward over ``tokens`` tokens with output logits at ``logit_positions``."""
     head = model.get_output_embeddings().weight.numel()
     trunk = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - head
-    forward = 2 * trunk * n_envs * (prompt + new - 1) + 2 * head * n_envs * new
-    return 2 * forward, 3 * n_epochs * forward
+    return 2 * trunk * tokens + 2 * head * logit_positions
+
+
+def work_flops(model: nn.Module, args: Args) -> dict[str, float]:
+    """Matmul FLOPs of the minimal rollout and update (the floor) and of the HF baseline's iteration."""
+    n, p, t = args.n_envs, args.max_prompt_tokens, args.max_new_tokens
+    needed = forward_flops(model, n * (p + t - 1), n * t)  # states s_0..s_{T-1}, logits of a_0..a_{T-1}
+    full = forward_flops(model, n * (p + t), n * (p + t))  # TRL-style forward, logits everywhere
+    return {
+        "rollout": 2 * needed,  # policy and reference
+        "update": 3 * args.n_epochs * needed,  # forward + backward
+        "baseline": needed + 2 * full + 3 * args.n_epochs * full,  # generate, policy + reference scoring, update
+    }
 
 
 def main() -> None:
@@ -209,10 +219,8 @@ def main() -> None:
             print(f"round {round_} {name}: rollout {result[0]:.2f} s, update {result[1]:.2f} s", flush=True)
 
     rate = gemm_rate(model.policy.lm, args.n_envs * (args.max_prompt_tokens + args.max_new_tokens))
-    rollout_flops, update_flops = floor_flops(
-        model.policy.lm, args.n_envs, args.max_prompt_tokens, args.max_new_tokens, args.n_epochs
-    )
-    floor = {"rollout": rollout_flops / rate, "update": update_flops / rate}
+    flops = work_flops(model.policy.lm, args)
+    floor = {"rollout": flops["rollout"] / rate, "update": flops["update"] / rate}
     medians = {
         name: {"rollout": statistics.median(r for r, _ in rows), "update": statistics.median(u for _, u in rows),
                "iteration": statistics.median(r + u for r, u in rows)}
@@ -232,6 +240,8 @@ def main() -> None:
     print(f"- PPOKL analytic / HF baseline, iteration: {ours['iteration'] / hf['iteration']:.2f} "
           f"(rollout {ours['rollout'] / hf['rollout']:.2f}, update {ours['update'] / hf['update']:.2f})")
     print(f"- PPOKL k1 / HF baseline, iteration: {k1['iteration'] / hf['iteration']:.2f}")
+    print(f"- matmul work, PPOKL / HF baseline: {(flops['rollout'] + flops['update']) / flops['baseline']:.2f} "
+          f"(the ratio PPOKL would reach if both ran their matmuls at the same rate and nothing else)")
     print(f"- PPOKL rollout / floor: {ours['rollout'] / floor['rollout']:.2f}; update / floor: {ours['update'] / floor['update']:.2f}")
     print(f"- HF baseline rollout / floor: {hf['rollout'] / floor['rollout']:.2f}; update / floor: {hf['update'] / floor['update']:.2f}")
     print(f"- analytic KL (reward + gradient) share of the iteration vs k1: "
