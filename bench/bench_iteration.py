@@ -22,7 +22,7 @@ scores (about 1 % at these lengths) are left out, so the floor is a lower bound.
 the baseline's work (whole sequences, logits everywhere, one more policy forward) gives the ratio
 PPOKL / baseline that equal matmul efficiency would give.
 
-    python bench/bench_iteration.py [--config configs/demo.yaml] [--rounds 5] [--threads 1]
+    python bench/bench_iteration.py [--config configs/demo.yaml] [--rounds 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def work_flops(model: nn.Module, args: Args) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the three contenders (the first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the three contenders (the first is warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args()
@@ -206,6 +206,8 @@ def main() -> None:
     callback.on_training_start(locals(), globals())
     baseline = HFBaseline(args, env.venv.task, model.policy.lm, model.policy.value_head, options.seed)
 
+    rate = gemm_rate(model.policy.lm, args.n_envs * (args.max_prompt_tokens + args.max_new_tokens))
+    flops = work_flops(model.policy.lm, args)
     times: dict[str, list[tuple[float, float]]] = {"PPOKL analytic": [], "PPOKL k1": [], "HF baseline": []}
     for round_ in range(options.rounds):
         for name in times:
@@ -217,9 +219,11 @@ def main() -> None:
             if round_:
                 times[name].append(result)
             print(f"round {round_} {name}: rollout {result[0]:.2f} s, update {result[1]:.2f} s", flush=True)
+        if round_:
+            report(options, args, times, flops, rate, load_seconds)
 
-    rate = gemm_rate(model.policy.lm, args.n_envs * (args.max_prompt_tokens + args.max_new_tokens))
-    flops = work_flops(model.policy.lm, args)
+
+def report(options, args: Args, times: dict[str, list[tuple[float, float]]], flops: dict[str, float], rate: float, load_seconds: float) -> None:
     floor = {"rollout": flops["rollout"] / rate, "update": flops["update"] / rate}
     medians = {
         name: {"rollout": statistics.median(r for r, _ in rows), "update": statistics.median(u for _, u in rows),
@@ -227,9 +231,10 @@ def main() -> None:
         for name, rows in times.items()
     }
     ours, k1, hf = medians["PPOKL analytic"], medians["PPOKL k1"], medians["HF baseline"]
+    rounds = len(times["HF baseline"])
     print(f"\n{options.config}: {args.n_envs} envs x ({args.max_prompt_tokens} + {args.max_new_tokens}) tokens, "
           f"{args.n_epochs} epoch(s), batch {args.batch_size}; torch threads {torch.get_num_threads()}; "
-          f"medians of {options.rounds - 1} rounds after 1 warm-up\n")
+          f"medians of {rounds} round(s) after 1 warm-up\n")
     print("| contender | rollout (s) | update (s) | iteration (s) |")
     print("| --- | ---: | ---: | ---: |")
     for name, m in medians.items():
@@ -246,7 +251,7 @@ def main() -> None:
     print(f"- HF baseline rollout / floor: {hf['rollout'] / floor['rollout']:.2f}; update / floor: {hf['update'] / floor['update']:.2f}")
     print(f"- analytic KL (reward + gradient) share of the iteration vs k1: "
           f"{(ours['iteration'] - k1['iteration']) / ours['iteration']:+.1%}")
-    print(f"- embedded model load, cached: {load_seconds:.2f} s")
+    print(f"- embedded model load, cached: {load_seconds:.2f} s", flush=True)
 
 
 if __name__ == "__main__":
