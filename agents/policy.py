@@ -23,8 +23,8 @@ from lmgym.task import output_vocab_size
 
 
 def default_optimizer_kwargs(optimizer_class: type[torch.optim.Optimizer]) -> dict[str, Any]:
-    """No weight decay; Adam(W) fused into one kernel over all parameters (4.6x faster than the
-    per-tensor loop on a 2-core CPU for SmolLM2-135M, same update up to rounding)."""
+    """No weight decay; Adam(W) fused into one kernel over all parameters: the same update up to
+    rounding, and 2.3x faster than torch's default per-parameter loop on CPU for SmolLM2-135M."""
     fused = {"fused": True} if optimizer_class in (torch.optim.Adam, torch.optim.AdamW) else {}
     return {"weight_decay": 0.0, **fused}
 

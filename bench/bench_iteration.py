@@ -9,8 +9,8 @@ In one process, alternating round by round (so that load from other processes hi
 - ``HF baseline`` (a stand-in for TRL's online trainer): the policy's ``generate`` with sampling,
   one no-grad policy forward (old log-probs, values) and one reference forward over the finished
   sequences, reward scoring, k1-shaped rewards and GAE, then the PPO forward/backward and a
-  default (foreach) AdamW step per minibatch; its own copy of the policy, the env's reference.
-  Like TRL it computes logits at every position and slices the generated ones.
+  default AdamW step (a per-parameter loop on CPU) per minibatch; its own copy of the policy, the
+  env's reference. Like TRL it computes logits at every position and slices the generated ones.
 
 The FLOP floor is the matmul work of the iteration at the measured GEMM rate
 (``torch.nn.functional.linear`` with the model's own weight shapes on ``n_envs x (prompt + new)``
