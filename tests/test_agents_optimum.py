@@ -3,6 +3,12 @@
 One prompt, one generated token (a bandit over the vocabulary): the reward is 1 for one "good"
 token and 0 otherwise, and beta is chosen so that pi*(good) = 1/2 exactly, far from both
 pi_ref(good) and the unregularised optimum 1.
+
+Adam's steps do not shrink with the gradient, so at a constant learning rate the last iterate keeps
+wandering around the optimum: with 3e-3 for 40 iterations, pi(good) ended at 0.46, 0.64, 0.13 and
+0.36 for seeds 0-3. The learning rate therefore decays linearly to 0 over 80 iterations; pi(good)
+then ends within 0.03 of 1/2 for seeds 0-3 (analytic: 0.505, 0.493, 0.526, 0.516; k1: 0.503,
+0.501, 0.503, 0.504), well inside the 0.08 checked.
 """
 from __future__ import annotations
 
@@ -45,9 +51,17 @@ def test_policy_moves_to_kl_regularised_optimum(tiny_lm_path, config):
         reward=lambda texts: np.array([float(t.strip() == good_text) for t in texts]),
     )
     model = make_model(
-        tiny_lm_path, env, kl_coef=beta, gamma=1.0, gae_lambda=1.0, learning_rate=3e-3, n_epochs=4, batch_size=64, **config
+        tiny_lm_path,
+        env,
+        kl_coef=beta,
+        gamma=1.0,
+        gae_lambda=1.0,
+        learning_rate=lambda progress_remaining: 3e-3 * progress_remaining,
+        n_epochs=4,
+        batch_size=64,
+        **config,
     )
-    model.learn(total_timesteps=40 * 64)
+    model.learn(total_timesteps=80 * 64)
     learned = next_token_distribution(model.policy.lm, task.tokenizer)
 
     def kl(a, b):
