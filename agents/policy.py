@@ -24,7 +24,7 @@ from lmgym.task import output_vocab_size
 
 def default_optimizer_kwargs(optimizer_class: type[torch.optim.Optimizer]) -> dict[str, Any]:
     """No weight decay; Adam(W) fused into one kernel over all parameters: the same update up to
-    rounding, and 2.3x faster than torch's default per-parameter loop on CPU for SmolLM2-135M."""
+    rounding, and 3.4x faster than torch's default per-parameter loop on CPU for SmolLM2-135M."""
     fused = {"fused": True} if optimizer_class in (torch.optim.Adam, torch.optim.AdamW) else {}
     return {"weight_decay": 0.0, **fused}
 
