@@ -74,7 +74,8 @@ def instrument(model, phases: Phases) -> None:
         return f"{who} forward ({'prompt encode' if args[0].shape[1] > 1 else 'one token'})"
 
     phases.wrap(decoding.IncrementalDecoder, "_forward", decoder_label)
-    phases.wrap(env, "reference_logits", "reference forward (whole sequences, after sampling)")
+    if hasattr(env, "reference_logits"):  # absent before pi_ref was scored after sampling
+        phases.wrap(env, "reference_logits", "reference forward (whole sequences, after sampling)")
     phases.wrap(type(env), "step", "env step: other (obs layout, numpy copies, log-probs)")
     phases.wrap(type(env), "reset", "env reset: other")
     phases.wrap(env.task, "score", "env: reward (VADER)")
