@@ -12,7 +12,7 @@ In one process, alternating round by round (so that load from other processes hi
   default AdamW step (a per-parameter loop on CPU) per minibatch; its own copy of the policy, the
   env's reference. Like TRL it computes logits at every position and slices the generated ones.
 
-The FLOP floor is the matmul work of the iteration at the measured GEMM rate
+The FLOP floor is the matmul work of the iteration at the GEMM rate measured in every round
 (``torch.nn.functional.linear`` with the model's own weight shapes on ``n_envs x (prompt + new)``
 token rows, the shape of a whole-batch forward). A forward costs 2 FLOPs per weight per token, the
 output layer only where logits are needed: the states s_0..s_{T-1} of each row (its prompt and
@@ -206,10 +206,12 @@ def main() -> None:
     callback.on_training_start(locals(), globals())
     baseline = HFBaseline(args, env.venv.task, model.policy.lm, model.policy.value_head, options.seed)
 
-    rate = gemm_rate(model.policy.lm, args.n_envs * (args.max_prompt_tokens + args.max_new_tokens))
     flops = work_flops(model.policy.lm, args)
+    rows = args.n_envs * (args.max_prompt_tokens + args.max_new_tokens)
     times: dict[str, list[tuple[float, float]]] = {"PPOKL analytic": [], "PPOKL k1": [], "HF baseline": []}
+    rates: list[float] = []
     for round_ in range(options.rounds):
+        rates.append(gemm_rate(model.policy.lm, rows))  # in every round: the load changes
         for name in times:
             gc.collect()
             if name == "HF baseline":
@@ -220,7 +222,7 @@ def main() -> None:
                 times[name].append(result)
             print(f"round {round_} {name}: rollout {result[0]:.2f} s, update {result[1]:.2f} s", flush=True)
         if round_:
-            report(options, args, times, flops, rate, load_seconds)
+            report(options, args, times, flops, statistics.median(rates[1:]), load_seconds)
 
 
 def report(options, args: Args, times: dict[str, list[tuple[float, float]]], flops: dict[str, float], rate: float, load_seconds: float) -> None:
