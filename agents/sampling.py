@@ -106,7 +106,9 @@ def sample_episodes(
             yield step.with_reference(logits, ref_logits[:, t])
 
 
-def reference_logits(env: LMGymVecEnv, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: list[SampledStep]) -> torch.Tensor:
+def reference_logits(
+    env: LMGymVecEnv, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: list[SampledStep]
+) -> torch.Tensor:
     """pi_ref's logits [N, T, V] at every sampled state, from one forward over prompt + actions
     (actions taken after a row's episode ended are masked out)."""
     actions = torch.stack([step.actions for step in steps], dim=1)

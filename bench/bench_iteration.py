@@ -74,16 +74,22 @@ class HFBaseline:
         self.value_head = copy.deepcopy(value_head)
         self.ref = task.ref_model
         self.optimizer = torch.optim.AdamW(
-            [{"params": self.policy.parameters()}, {"params": self.value_head.parameters(), "lr": args.vf_learning_rate}],
+            [
+                {"params": self.policy.parameters()},
+                {"params": self.value_head.parameters(), "lr": args.vf_learning_rate},
+            ],
             lr=args.learning_rate,
             weight_decay=0.0,
         )
         self.rng = np.random.default_rng(seed)
 
-    def forward(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-softmax [B, n, V] at the positions that predict the last ``n`` tokens, final hidden
         [B, n, H]; logits at every position, then sliced, as TRL's trainers do."""
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), output_hidden_states=True)
+        position_ids = position_ids_from_mask(mask)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
         return out.logits[:, -n - 1 : -1].float().log_softmax(-1), out.hidden_states[-1][:, -n - 1 : -1]
 
     def rollout(self) -> dict[str, torch.Tensor]:
@@ -116,7 +122,9 @@ class HFBaseline:
             kl = kl_estimators.k1(logprobs, ref_logprobs, mask)
             rewards = shaped_rewards(scores, kl, self.args.kl_coef, mask)
             advantages, returns = gae(rewards, values, mask, args.gamma, args.gae_lambda)
-        return dict(ids=ids, attention=attention, actions=actions, mask=mask, logprobs=logprobs, advantages=advantages, returns=returns)
+        return dict(
+            ids=ids, attention=attention, actions=actions, mask=mask, logprobs=logprobs, advantages=advantages, returns=returns
+        )
 
     def update(self, data: dict[str, torch.Tensor]) -> None:
         args = self.args
