@@ -314,7 +314,9 @@ class PPOKL(PPO):
         logits, values = self.policy.sequence_forward(batch.input_ids, batch.attention_mask, batch.actions.shape[1])
         log_softmax = torch.log_softmax(logits, dim=-1)
         logprobs = log_softmax.gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
-        entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+        # a [B, T, V] backward for a term of weight 0 would be wasted
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ent_coef != 0):
+            entropy = -(log_softmax.exp() * log_softmax).sum(-1)
 
         advantages = batch.advantages
         if self.normalize_advantage and mask.sum() > 1:

@@ -46,6 +46,7 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
         max_new_tokens=args.max_new_tokens,
         device=args.device,
         autoreset_mode=AutoresetMode.SAME_STEP,
+        step_ref_logits=False,  # PPOKL scores pi_ref in one forward after sampling
     )
     train = gym.make_vec(
         "IMDBContinuation-v0",

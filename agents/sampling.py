@@ -1,7 +1,8 @@
 """Batched sampling of one episode per env with the policy's KV cache.
 
-Each step costs one policy forward of length 1 for the whole batch (the prompt is encoded once);
-the env supplies pi_ref's logits at every state, so the exact per-position KL is computed here.
+Each step costs one policy forward of length 1 for the whole batch (the prompt is encoded once).
+pi_ref's logits at every state come from the env, per step or in one forward after sampling, and
+the exact per-position KL is computed here.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import kl_estimators
 from agents.policy import CausalLMPolicy
 from agents.vec_env import LMGymVecEnv
 from lmgym.decoding import IncrementalDecoder
+from lmgym.task import log_prob
 
 
 def trim_left_padding(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,13 +37,21 @@ class SampledStep:
     actions: torch.Tensor  # [N]
     logprobs: torch.Tensor  # [N] log pi(a_t | s_t)
     values: torch.Tensor  # [N] V(s_t)
-    ref_logits: torch.Tensor  # [N, V] pi_ref logits at s_t
-    ref_logprobs: torch.Tensor  # [N] log pi_ref(a_t | s_t)
-    analytic_kl: torch.Tensor  # [N] KL(pi(.|s_t) || pi_ref(.|s_t))
     rewards: np.ndarray
     dones: np.ndarray
     infos: list[dict[str, Any]]
     new_obs: dict[str, np.ndarray]
+    ref_logits: torch.Tensor | None = None  # [N, V] pi_ref logits at s_t
+    ref_logprobs: torch.Tensor | None = None  # [N] log pi_ref(a_t | s_t)
+    analytic_kl: torch.Tensor | None = None  # [N] KL(pi(.|s_t) || pi_ref(.|s_t))
+
+    def with_reference(self, logits: torch.Tensor, ref_logits: torch.Tensor) -> SampledStep:
+        """This step with pi_ref's terms, from the policy's and pi_ref's logits [N, V] at s_t."""
+        self.ref_logits = ref_logits
+        self.ref_logprobs = log_prob(ref_logits, self.actions)
+        with torch.no_grad():
+            self.analytic_kl = kl_estimators.analytic(logits, ref_logits)
+        return self
 
 
 def sample_episodes(
@@ -52,34 +62,57 @@ def sample_episodes(
     max_steps: int,
 ) -> Iterator[SampledStep]:
     """Step ``env`` (at the start of an episode in every sub-env, whose prompts are given) until
-    every env has finished that episode or ``max_steps`` steps were taken."""
+    every env has finished that episode or ``max_steps`` steps were taken.
+
+    pi_ref's logits come from the env's info at each step (each step is yielded as it is taken) or,
+    for an env built with ``step_ref_logits=False``, from one reference forward over the sampled
+    sequences after the last step (the steps are yielded then).
+    """
     device = policy.device
+    per_step_ref = env.venv.step_ref_logits
     decoder = IncrementalDecoder(policy.lm, output_hidden=True)
     out = decoder.prefill(prompt_ids.to(device), prompt_mask.to(device))
     active = torch.ones(env.num_envs, dtype=torch.bool)
+    pending: list[tuple[SampledStep, torch.Tensor]] = []  # steps waiting for pi_ref, with pi's logits
     for t in range(max_steps):
-        ref_logits = torch.from_numpy(np.array(env.current_ref_logits, dtype=np.float32))
+        ref_logits = torch.from_numpy(np.array(env.current_ref_logits, dtype=np.float32)) if per_step_ref else None
         with torch.no_grad():
             logits = out.logits.float().cpu()
             values = policy.values_from_hidden(out.hidden).cpu()
             dist = torch.distributions.Categorical(logits=logits)
             actions = dist.sample()
-            analytic_kl = kl_estimators.analytic(logits, ref_logits)
         new_obs, rewards, dones, infos = env.step(actions.numpy())
-        yield SampledStep(
+        step = SampledStep(
             active=active.clone(),
             actions=actions,
             logprobs=dist.log_prob(actions),
             values=values,
-            ref_logits=ref_logits,
-            ref_logprobs=torch.tensor([float(info["ref_logprob"]) for info in infos]),
-            analytic_kl=analytic_kl,
             rewards=rewards,
             dones=dones,
             infos=infos,
             new_obs=new_obs,
         )
+        if per_step_ref:
+            yield step.with_reference(logits, ref_logits)
+        else:
+            pending.append((step, logits))
         active &= ~torch.as_tensor(dones)
         if not active.any() or t + 1 == max_steps:
-            return
+            break
         out = decoder.append(actions.to(device))
+    if pending:
+        ref_logits = reference_logits(env, prompt_ids, prompt_mask, [step for step, _ in pending])
+        for t, (step, logits) in enumerate(pending):
+            yield step.with_reference(logits, ref_logits[:, t])
+
+
+def reference_logits(
+    env: LMGymVecEnv, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: list[SampledStep]
+) -> torch.Tensor:
+    """pi_ref's logits [N, T, V] at every sampled state, from one forward over prompt + actions
+    (actions taken after a row's episode ended are masked out)."""
+    actions = torch.stack([step.actions for step in steps], dim=1)
+    mask = torch.stack([step.active for step in steps], dim=1).long()
+    input_ids = torch.cat([prompt_ids, actions], dim=1)
+    attention_mask = torch.cat([prompt_mask, mask], dim=1)
+    return env.venv.reference_logits(input_ids, attention_mask, len(steps)).cpu()

@@ -40,8 +40,8 @@ class LMGymVecEnv(VecEnv):
         seed = self._seeds[0] if self._seeds and self._seeds[0] is not None else None
         options = self._options[0] if self._options and self._options[0] else None
         obs, info = self.venv.reset(seed=seed, options=options)
-        self.current_ref_logits = info["ref_logits"]
-        self.reset_infos = [{"ref_logits": info["ref_logits"][i]} for i in range(self.num_envs)]
+        self.current_ref_logits = info.get("ref_logits")  # None for an env without per-step ref logits
+        self.reset_infos = [self._ref_info(info, i) for i in range(self.num_envs)]
         self._episode_lengths[:] = 0
         self._reset_seeds()
         self._reset_options()
@@ -53,11 +53,11 @@ class LMGymVecEnv(VecEnv):
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, terminated, truncated, info = self.venv.step(self._actions)
         dones = np.logical_or(terminated, truncated)
-        self.current_ref_logits = info["ref_logits"]
+        self.current_ref_logits = info.get("ref_logits")
         self._episode_lengths += 1
         infos: list[dict[str, Any]] = []
         for i in range(self.num_envs):
-            env_info: dict[str, Any] = {"ref_logits": info["ref_logits"][i]}
+            env_info = self._ref_info(info, i)
             if dones[i]:
                 final = info["final_info"]
                 env_info.update({key: final[key][i] for key in FINAL_KEYS if key in final})
@@ -69,10 +69,14 @@ class LMGymVecEnv(VecEnv):
                     "t": round(time.time() - self._t0, 6),
                 }
                 self._episode_lengths[i] = 0
-            else:
+            elif "ref_logprob" in info:
                 env_info["ref_logprob"] = info["ref_logprob"][i]
             infos.append(env_info)
         return obs, rewards.astype(np.float32), dones, infos
+
+    @staticmethod
+    def _ref_info(info: dict[str, Any], i: int) -> dict[str, Any]:
+        return {"ref_logits": info["ref_logits"][i]} if "ref_logits" in info else {}
 
     def close(self) -> None:
         self.venv.close()

@@ -1,9 +1,9 @@
 """IMDBContinuation as a truly batched vector env: one reference-model forward per step for all envs.
 
 The N sequences are decoded together by an ``IncrementalDecoder`` whose KV cache is carried across
-steps, so a step costs one forward of length 1. When some sub-envs start a new episode the cache is
-rebuilt by prefilling all current (left-padded) sequences; when all start together, that is just the
-new prompts.
+steps, so a step costs one forward of length 1. When some sub-envs start a new episode, only their
+new prompts are encoded and spliced into the cache (``IncrementalDecoder.replace_rows``); the other
+rows keep theirs.
 
 Autoreset (``autoreset_mode``, Gymnasium's conventions, https://farama.org/Vector-Autoreset-Mode):
 
@@ -18,7 +18,12 @@ observations and ``ref_logprob`` (N,) of the actions just taken are present for 
 ``prompt`` for sub-envs that started an episode (its new prompt) or finished one (the finished
 episode's prompt, as in the single env); ``continuation`` and ``sentiment`` for sub-envs that
 finished an episode. In ``SAME_STEP`` mode the finished episode's keys are inside ``final_info``.
-A finishing step in ``SAME_STEP`` mode costs one cached forward and one prefill.
+A finishing step in ``SAME_STEP`` mode costs one cached forward and one encode of the new prompts.
+
+``step_ref_logits=False``: for callers that need pi_ref only over whole sequences (an agent that
+scores its rollout after sampling, like PPOKL), the env runs no reference forward at all and its
+infos carry neither ``ref_logits`` nor ``ref_logprob``; ``reference_logits`` gives pi_ref's logits
+over a batch of sequences in one forward.
 
 Seeding: ``reset(seed=s)`` seeds one generator (``self.np_random``) from which all sub-envs draw
 their prompts in order, so a seed fixes the whole sequence of prompts.
@@ -31,7 +36,7 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from lmgym.decoding import IncrementalDecoder
+from lmgym.decoding import IncrementalDecoder, forward_last
 from lmgym.task import ContinuationTask, log_prob
 
 
@@ -43,9 +48,11 @@ class IMDBContinuationVectorEnv(VectorEnv):
         num_envs: int = 1,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
+        step_ref_logits: bool = True,
         **task_kwargs,
     ):
-        """Keyword arguments besides these are those of ``lmgym.task.ContinuationTask``."""
+        """``step_ref_logits``: put pi_ref's logits and log-probs in every step's info (see the
+        module docstring). Other keyword arguments are those of ``lmgym.task.ContinuationTask``."""
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         autoreset_mode = AutoresetMode(autoreset_mode)
@@ -57,6 +64,7 @@ class IMDBContinuationVectorEnv(VectorEnv):
         self.autoreset_mode = autoreset_mode
         self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
         self.render_mode = render_mode
+        self.step_ref_logits = bool(step_ref_logits)
         self.task = ContinuationTask(**task_kwargs)
         self.single_observation_space = self.task.observation_space
         self.single_action_space = self.task.action_space
@@ -68,50 +76,72 @@ class IMDBContinuationVectorEnv(VectorEnv):
         self.num_generated = np.zeros(num_envs, dtype=np.int64)
         self.needs_reset = np.zeros(num_envs, dtype=bool)
         self.ref_logits: torch.Tensor | None = None
+        self.started = False
 
     def _generated(self, i: int) -> list[int]:
         return self.tokens[i][len(self.tokens[i]) - self.num_generated[i] :]
 
     def _start_episodes(self, envs: np.ndarray, infos: dict) -> dict:
-        """Draw new prompts for the sub-envs where ``envs`` is True and re-encode all sequences."""
-        for i in np.flatnonzero(envs):
+        """Draw new prompts for the sub-envs where ``envs`` is True and encode only those."""
+        rows = np.flatnonzero(envs)
+        for i in rows:
             self.prompts[i], self.tokens[i] = self.task.sample_prompt(self.np_random)
             self.num_generated[i] = 0
             infos = self._add_info(infos, {"prompt": self.prompts[i]}, i)
-        self.ref_logits = self.decoder.prefill(*self.task.batch(self.tokens)).logits
+        if not self.step_ref_logits:
+            return infos
+        if envs.all() or not self.decoder.can_replace_rows:
+            self.ref_logits = self.decoder.prefill(*self.task.batch(self.tokens)).logits
+        else:
+            index = torch.from_numpy(rows).to(self.ref_logits.device)
+            new = self.decoder.replace_rows(index, *self.task.batch([self.tokens[i] for i in rows])).logits
+            self.ref_logits = self.ref_logits.index_copy(0, index, new)  # not in place: infos hold views
         return infos
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self.needs_reset[:] = False
+        self.started = True
         infos = self._start_episodes(np.ones(self.num_envs, dtype=bool), {})
-        infos["ref_logits"] = self.ref_logits.cpu().numpy()
+        if self.step_ref_logits:
+            infos["ref_logits"] = self.ref_logits.cpu().numpy()
         return self.task.observation(self.tokens), infos
 
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+        """float32 ``[B, n, V]``: pi_ref's next-token logits for the last ``n`` tokens of each row of a
+        left-padded batch (entry ``[b, j]`` predicts ``input_ids[b, L - n + j]`` from the tokens
+        before it), in one forward. Positions masked out on the right are allowed; their logits are
+        meaningless and the positions before them are unaffected."""
+        with torch.no_grad():
+            out = forward_last(self.task.ref_model, input_ids, attention_mask, n + 1)
+        return out.logits[:, :-1].float()
+
     def step(self, actions):
-        if self.ref_logits is None:
+        if not self.started:
             raise RuntimeError("call reset() before step()")
         actions = np.asarray(actions).reshape(self.num_envs)
         restarting, active = self.needs_reset, ~self.needs_reset
         actions = np.array([self.task.check_action(a) if on else self.task.pad_id for a, on in zip(actions, active)])
         self.needs_reset = np.zeros(self.num_envs, dtype=bool)
-        action_ids = torch.from_numpy(actions).to(self.ref_logits.device)
-        ref_logprob = np.where(active, log_prob(self.ref_logits, action_ids).cpu().numpy(), 0.0).astype(np.float32)
         for i in np.flatnonzero(active):
             self.tokens[i].append(int(actions[i]))
         self.num_generated[active] += 1
 
         infos: dict = {}
+        if self.step_ref_logits:
+            action_ids = torch.from_numpy(actions).to(self.ref_logits.device)
+            ref_logprob = np.where(active, log_prob(self.ref_logits, action_ids).cpu().numpy(), 0.0).astype(np.float32)
+            if not restarting.all():
+                self.ref_logits = self.decoder.append(action_ids).logits  # restarting rows are replaced next
         if restarting.any():
             infos = self._start_episodes(restarting, infos)
-        else:
-            self.ref_logits = self.decoder.append(action_ids).logits
         ended = [self.task.episode_end(int(a), n) for a, n in zip(actions, self.num_generated)]
         terminated = active & np.array([t for t, _ in ended])
         truncated = active & np.array([t for _, t in ended])
         done = terminated | truncated
         rewards = np.zeros(self.num_envs, dtype=np.float64)
-        infos.update(ref_logits=self.ref_logits.cpu().numpy(), ref_logprob=ref_logprob)
+        if self.step_ref_logits:
+            infos.update(ref_logits=self.ref_logits.cpu().numpy(), ref_logprob=ref_logprob)
         observations = self.task.observation(self.tokens)
         if not done.any():
             return observations, rewards, terminated, truncated, infos
@@ -131,10 +161,13 @@ class IMDBContinuationVectorEnv(VectorEnv):
 
         for i, ending in endings.items():
             final_obs = {key: value[i] for key, value in observations.items()}
-            final_info = {"ref_logits": infos["ref_logits"][i], "ref_logprob": float(ref_logprob[i]), **ending}
+            final_info = dict(ending)
+            if self.step_ref_logits:
+                final_info.update(ref_logits=infos["ref_logits"][i], ref_logprob=float(infos["ref_logprob"][i]))
             infos = self._add_info(infos, {"final_obs": final_obs, "final_info": final_info}, i)
         infos = self._start_episodes(done, infos)
-        infos["ref_logits"] = self.ref_logits.cpu().numpy()
+        if self.step_ref_logits:
+            infos["ref_logits"] = self.ref_logits.cpu().numpy()
         return self.task.observation(self.tokens), rewards, terminated, truncated, infos
 
     def render(self):

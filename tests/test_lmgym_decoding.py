@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmgym.assets import load_causal_lm
-from lmgym.decoding import IncrementalDecoder, position_ids_from_mask
+from lmgym.decoding import IncrementalDecoder, contiguous_output_layer, forward_last, position_ids_from_mask
 from lmgym.task import left_pad
 
 
@@ -86,3 +86,68 @@ def test_random_batches(tiny_lm_path, lengths, steps, seed):
     prompts = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
     continuations = [torch.randint(0, vocab, (steps,), generator=generator).tolist() for _ in lengths]
     decode_batch(model, tokenizer.pad_token_id, prompts, continuations)
+
+
+def check_rows(model, out, sequences, rows):
+    for position, row in enumerate(rows):
+        torch.testing.assert_close(out.logits[position], full_forward(model, sequences[row])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_replace_rows_before_prefill_raises(tiny_model):
+    with pytest.raises(RuntimeError, match="prefill"):
+        IncrementalDecoder(tiny_model[0]).replace_rows(torch.tensor([0]), torch.tensor([[5]]), torch.tensor([[1]]))
+
+
+@settings(deadline=None, max_examples=12)
+@given(
+    lengths=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    new_lengths=st.lists(st.integers(1, 12), min_size=4, max_size=4),
+    replaced=st.lists(st.booleans(), min_size=4, max_size=4),
+    steps=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_replace_rows_equals_full_prefill(tiny_model, lengths, new_lengths, replaced, steps, seed):
+    """Splicing new prompts into some rows of a cached batch gives, at that step and the following
+    appends, the logits of an unpadded forward of every row; the cache is as long as the longest row."""
+    model, tokenizer = tiny_model
+    generator = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+
+    def tokens(n):
+        return torch.randint(3, vocab, (n,), generator=generator).tolist()
+
+    sequences = [tokens(n) for n in lengths]
+    decoder = IncrementalDecoder(model)
+    ids, mask = left_pad(sequences, max(lengths), tokenizer.pad_token_id)
+    decoder.prefill(torch.from_numpy(ids), torch.from_numpy(mask))
+    for _ in range(steps):
+        column = tokens(len(sequences))
+        for row, token in zip(sequences, column):
+            row.append(token)
+        decoder.append(torch.tensor(column))
+    rows = [i for i in range(len(sequences)) if replaced[i]] or [0]
+    for i in rows:
+        sequences[i] = tokens(new_lengths[i])
+    new = [sequences[i] for i in rows]
+    ids, mask = left_pad(new, max(map(len, new)), tokenizer.pad_token_id)
+    out = decoder.replace_rows(torch.tensor(rows), torch.from_numpy(ids), torch.from_numpy(mask))
+    check_rows(model, out, sequences, rows)
+    assert decoder.attention_mask.shape[1] == max(map(len, sequences))
+    for _ in range(2):
+        column = tokens(len(sequences))
+        for row, token in zip(sequences, column):
+            row.append(token)
+        out = decoder.append(torch.tensor(column))
+        check_rows(model, out, sequences, range(len(sequences)))
+
+
+def test_contiguous_output_layer_keeps_logits_and_feeds_a_contiguous_input(tiny_lm_path):
+    model, _ = load_causal_lm(tiny_lm_path)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 10, 11, 12]])
+    mask = (ids != 0).long()
+    expected = forward_last(model, ids, mask, 3).logits
+    seen = []
+    head = contiguous_output_layer(contiguous_output_layer(model)).get_output_embeddings()
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    torch.testing.assert_close(forward_last(model, ids, mask, 3).logits, expected)
+    assert seen == [True] and len(head._forward_pre_hooks) == 2  # ours once, the recorder

@@ -61,6 +61,25 @@ def test_steady_state_is_one_forward_of_length_one(vec_kwargs):
     assert calls[1:] == [(N, 1)] * 3
 
 
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_restart_encodes_only_the_new_prompts(vec_kwargs, mode):
+    """A sub-env that starts a new episode costs an encode of its prompt alone, not of every row."""
+    envs = IMDBContinuationVectorEnv(autoreset_mode=mode, **vec_kwargs)
+    calls = []
+    envs.task.ref_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    envs.reset(seed=0)
+    actions = non_eos_actions(envs, 0)
+    actions[[1, 3]] = envs.task.eos_id
+    envs.step(actions)
+    if mode == AutoresetMode.NEXT_STEP:
+        envs.step(non_eos_actions(envs, 1))
+    one_token_steps = 2 if mode == AutoresetMode.NEXT_STEP else 1
+    assert calls[1:-1] == [(N, 1)] * one_token_steps
+    assert calls[-1] == (2, max(len(envs.tokens[i]) for i in (1, 3)))
+
+
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP, "NextStep", "SameStep"])
 def test_ref_logits_match_full_forward_with_forced_eos(vec_kwargs, mode):
     envs = IMDBContinuationVectorEnv(autoreset_mode=mode, **vec_kwargs)
@@ -167,3 +186,43 @@ def test_bad_actions_and_step_before_reset(vec_kwargs):
     actions[2] = envs.single_action_space.n
     with pytest.raises(ValueError, match="token id"):
         envs.step(actions)
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_without_step_ref_logits_no_reference_forward_runs(vec_kwargs, mode):
+    """``step_ref_logits=False``: same observations, rewards and prompts as the default env, no
+    reference forward, no ``ref_logits``/``ref_logprob`` in the infos."""
+    default = IMDBContinuationVectorEnv(autoreset_mode=mode, **vec_kwargs)
+    lazy = IMDBContinuationVectorEnv(autoreset_mode=mode, step_ref_logits=False, **vec_kwargs)
+    calls = []
+    lazy.task.ref_model.register_forward_pre_hook(lambda *args: calls.append(1))
+    (obs_a, info_a), (obs_b, info_b) = default.reset(seed=2), lazy.reset(seed=2)
+    assert "ref_logits" not in info_b and list(info_a["prompt"]) == list(info_b["prompt"])
+    for step in range(9):
+        actions = non_eos_actions(default, step)
+        if step in (1, 5):
+            actions[2] = default.task.eos_id
+        out_a, out_b = default.step(actions), lazy.step(actions)
+        for a, b in zip(out_a[:4], out_b[:4]):
+            np.testing.assert_equal(a, b)
+        assert not {"ref_logits", "ref_logprob"} & set(out_b[4]) and not {"ref_logits", "ref_logprob"} & set(
+            out_b[4].get("final_info", {})
+        )
+        assert set(out_b[4]) | {"ref_logits", "ref_logprob", "_ref_logits", "_ref_logprob"} >= set(out_a[4])
+    assert calls == []
+
+
+def test_reference_logits_of_whole_sequences_equal_unpadded_forwards(vec_kwargs):
+    envs = IMDBContinuationVectorEnv(step_ref_logits=False, **vec_kwargs)
+    obs, _ = envs.reset(seed=1)
+    for step in range(3):
+        obs = envs.step(non_eos_actions(envs, step))[0]
+    ids, mask = torch.from_numpy(obs["input_ids"]), torch.from_numpy(obs["attention_mask"]).clone()
+    mask[0, -1] = 0  # a position masked on the right leaves the earlier ones unchanged
+    logits = envs.reference_logits(ids, mask, 3)
+    assert logits.shape == (N, 3, envs.single_action_space.n) and logits.dtype == torch.float32
+    for i in range(N):
+        tokens = sequence(sub_obs(obs, i))
+        for j in range(3 if i else 2):
+            expected = reference_logits(envs.task.ref_model, tokens[: len(tokens) - 3 + j])
+            np.testing.assert_allclose(logits[i, j].numpy(), expected, atol=1e-4, rtol=1e-4)
