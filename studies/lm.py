@@ -6,7 +6,7 @@
 Each run is one ``python -m agents.ppo_kl`` subprocess (the base config, then the variant's KL
 flags, ``--kl-coef BETA`` and ``--seed SEED``) training in ``STUDY_DIR/<run id>``, followed by a
 held-out evaluation of its final policy (``studies.lm_eval``) written as a small JSON file to
-``RESULTS/runs/<run id>.json``. Runs are ordered seed-major, so a complete set of variants x betas
+``RESULTS/per_run/<run id>.json``. Runs are ordered seed-major, so a complete set of variants x betas
 for the first seed is reached first, and within a seed beta-major (all variants at the first
 beta given, then at the next). The study is resumable: a run whose result file exists is
 skipped, a run with a checkpoint is continued with ``--resume``, and a run killed before its first
@@ -38,7 +38,7 @@ from agents.config import Args, parse_args
 from lmgym.prompts import HELD_OUT, load_prompts
 from lmgym.task import ContinuationTask
 from studies.lm_eval import HeldOutScores, evaluate_held_out
-from studies.lm_report import write_report
+from studies.lm_report import RUN_RESULTS, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,7 +277,7 @@ def run_study(options: argparse.Namespace) -> int:
     """Run every missing run of the grid; the number of runs that failed."""
     base = check_config(options.config)
     prompts = held_out_prompts(base, options.eval_prompts)
-    runs_dir = options.results / "runs"
+    runs_dir = options.results / RUN_RESULTS
     reference = options.results / "reference.json"
     if not reference.is_file():
         print(f"evaluating the reference policy on {len(prompts)} held-out prompts", flush=True)

@@ -2,7 +2,9 @@
 
 Each cell (variant, beta) aggregates the runs of every seed finished so far: the mean of each
 run's held-out metric and its standard error across seeds, s / sqrt(n) with the n - 1 sample
-standard deviation (none for n = 1). The table states n per cell.
+standard deviation. The table states n per cell. With a single seed there is no such error: the
+table and plots then show the run's standard error over the held-out prompts (sentiment and KL),
+which measures the evaluation noise only, not the training noise across seeds.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+RUN_RESULTS = "per_run"  # not "runs": .gitignore ignores every runs/ folder (checkpoints)
 TABLE = "table.md"
 PARETO_KL = "pareto_kl.png"
 PARETO_PPL = "pareto_ppl.png"
@@ -40,6 +43,11 @@ def run_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
     }
 
 
+def prompt_sems(record: Mapping[str, Any]) -> dict[str, float]:
+    """Standard errors over the held-out prompts of one run's sentiment and KL."""
+    return {key: record["eval"][key]["sem"] for key in ("sentiment", "kl") if "sem" in record["eval"][key]}
+
+
 @dataclass
 class Cell:
     variant: str
@@ -47,6 +55,18 @@ class Cell:
     seeds: list[int]
     mean: dict[str, float]
     sem: dict[str, float | None]  # None with a single seed
+    prompt_sem: dict[str, float]  # mean over runs of the per-run standard error over prompts
+
+    def error(self, key: str) -> float:
+        """The error bar of ``key``: across seeds, or over prompts for a single seed (0 if none)."""
+        sem = self.sem.get(key)
+        return sem if sem is not None else self.prompt_sem.get(key, 0.0)
+
+
+def reference_cell(reference: Mapping[str, Any]) -> Cell:
+    """The untrained policy's evaluation as a cell of its own (no seeds, no beta)."""
+    mean = {key: value for key, value in run_metrics(reference).items() if value is not None}
+    return Cell("reference", math.nan, [], mean, {key: None for key in METRICS}, prompt_sems(reference))
 
 
 def mean_sem(values: list[float]) -> tuple[float, float | None]:
@@ -72,7 +92,9 @@ def aggregate(records: list[Mapping[str, Any]], order: list[str]) -> list[Cell]:
             values = [m[key] for m in metrics if m[key] is not None]
             if values:
                 mean[key], sem[key] = mean_sem(values)
-        cells.append(Cell(variant, beta, sorted(int(r["seed"]) for r in group), mean, sem))
+        sems = [prompt_sems(record) for record in group]
+        prompt_sem = {key: sum(s[key] for s in sems) / len(sems) for key in sems[0] if all(key in s for s in sems)}
+        cells.append(Cell(variant, beta, sorted(int(r["seed"]) for r in group), mean, sem, prompt_sem))
     return cells
 
 
@@ -80,18 +102,22 @@ def _fmt(cell: Cell, key: str) -> str:
     if key not in cell.mean:
         return "-"
     spec = METRICS[key][1]
-    sem = cell.sem[key]
-    return format(cell.mean[key], spec) + ("" if sem is None else " ± " + format(sem, spec.lstrip("+")))
+    sem, unsigned = cell.sem[key], spec.lstrip("+")
+    if sem is not None:
+        return format(cell.mean[key], spec) + " ± " + format(sem, unsigned)
+    if key in cell.prompt_sem:
+        return format(cell.mean[key], spec) + " (± " + format(cell.prompt_sem[key], unsigned) + " prompts)"
+    return format(cell.mean[key], spec)
 
 
 def table(cells: list[Cell], labels: Mapping[str, str], reference: Mapping[str, Any] | None) -> str:
-    """A Markdown table: mean ± standard error across seeds, with n seeds per cell."""
+    """A Markdown table: mean ± standard error across seeds, with n seeds per cell (for n = 1, the
+    standard error over prompts in parentheses)."""
     head = ["variant", "beta", "n seeds"] + [title for title, _ in METRICS.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if reference is not None:
-        ref = run_metrics(reference)
-        values = [format(ref[key], spec) if ref[key] is not None else "-" for key, (_, spec) in METRICS.items()]
-        lines.append("| reference (untrained) | - | - | " + " | ".join(values) + " |")
+        ref = reference_cell(reference)
+        lines.append("| reference (untrained) | - | - | " + " | ".join(_fmt(ref, key) for key in METRICS) + " |")
     for cell in cells:
         row = [labels.get(cell.variant, cell.variant), f"{cell.beta:g}", str(len(cell.seeds))]
         lines.append("| " + " | ".join(row + [_fmt(cell, key) for key in METRICS]) + " |")
@@ -100,7 +126,7 @@ def table(cells: list[Cell], labels: Mapping[str, str], reference: Mapping[str, 
 
 def plot_pareto(cells: list[Cell], labels: Mapping[str, str], reference: Mapping[str, Any] | None, x_key: str, path: Path) -> None:
     """Held-out sentiment against ``x_key``, one line per variant through its betas, error bars
-    of one standard error across seeds on both axes."""
+    of one standard error on both axes (``Cell.error``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,19 +139,20 @@ def plot_pareto(cells: list[Cell], labels: Mapping[str, str], reference: Mapping
         own = [cell for cell in cells if cell.variant == variant]
         xs = [cell.mean[x_key] for cell in own]
         ys = [cell.mean["sentiment"] for cell in own]
-        xerr = [cell.sem[x_key] or 0.0 for cell in own]
-        yerr = [cell.sem["sentiment"] or 0.0 for cell in own]
+        xerr = [cell.error(x_key) for cell in own]
+        yerr = [cell.error("sentiment") for cell in own]
         seeds = "/".join(sorted({str(len(cell.seeds)) for cell in own}))
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker=markers[i % len(markers)], capsize=3,
                     label=f"{labels.get(variant, variant)} (n={seeds})")  # fmt: skip
         for cell, x, y in zip(own, xs, ys):
             ax.annotate(f"β={cell.beta:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if reference is not None:
-        ref = run_metrics(reference)
-        ax.plot([ref[x_key]], [ref["sentiment"]], marker="*", markersize=14, color="black", linestyle="none", label="reference (untrained)")
+        ref = reference_cell(reference)
+        ax.errorbar([ref.mean[x_key]], [ref.mean["sentiment"]], yerr=[ref.error("sentiment")], marker="*", markersize=14,
+                    color="black", linestyle="none", capsize=3, label="reference (untrained)")  # fmt: skip
     ax.set_xlabel(METRICS[x_key][0])
     ax.set_ylabel(METRICS["sentiment"][0])
-    ax.set_title("held-out sentiment vs " + METRICS[x_key][0] + " (mean ± s.e. across seeds)", fontsize=9)
+    ax.set_title(f"held-out sentiment vs {METRICS[x_key][0]}: mean ± s.e. across n seeds\n(n=1: s.e. over the held-out prompts)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -134,7 +161,7 @@ def plot_pareto(cells: list[Cell], labels: Mapping[str, str], reference: Mapping
 
 
 def load_records(results: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    records = [json.loads(path.read_text()) for path in sorted((results / "runs").glob("*.json"))]
+    records = [json.loads(path.read_text()) for path in sorted((results / RUN_RESULTS).glob("*.json"))]
     reference_path = results / "reference.json"
     reference = json.loads(reference_path.read_text()) if reference_path.is_file() else None
     return records, reference

@@ -40,7 +40,7 @@ def test_study_writes_results_skips_finished_runs_resumes_unfinished_ones(tiny_c
     (killed_early / METRICS).write_text("iteration\n0\n")
     assert study.main(study_argv(tiny_config, tmp_path, "--keep-checkpoints")) == 0
     assert [row["iteration"] for row in read_metrics(killed_early / METRICS)] == ["1"]  # started again
-    records = {path.stem: json.loads(path.read_text()) for path in (results / "runs").glob("*.json")}
+    records = {path.stem: json.loads(path.read_text()) for path in (results / "per_run").glob("*.json")}
     assert sorted(records) == ["s0-analytic-agrad-b0.1", "s0-k1-b0.1"]
     record = records["s0-k1-b0.1"]
     assert (record["variant"], record["beta"], record["seed"], record["config"]["kl_reward"]) == ("k1", 0.1, 0, "k1")
@@ -62,14 +62,14 @@ def test_study_writes_results_skips_finished_runs_resumes_unfinished_ones(tiny_c
         assert study.main(study_argv(tiny_config, tmp_path)) == 0  # every run finished: nothing runs
 
     # an unfinished run: a checkpoint after iteration 1 of 2 and no result file
-    (results / "runs" / "s0-k1-b0.1.json").unlink()
+    (results / "per_run" / "s0-k1-b0.1.json").unlink()
     out = tmp_path / "study" / "s0-k1-b0.1"
     first_row = read_metrics(out / METRICS)[0]
     assert study.main(study_argv(tiny_config, tmp_path, "--iters", "2")) == 0
     rows = read_metrics(out / METRICS)
     assert [row["iteration"] for row in rows] == ["1", "2"] and rows[0] == first_row  # continued, not restarted
     assert "--resume" in (out / "train.log").read_text()
-    assert json.loads((results / "runs" / "s0-k1-b0.1.json").read_text())["train"]["iterations"] == 2
+    assert json.loads((results / "per_run" / "s0-k1-b0.1.json").read_text())["train"]["iterations"] == 2
     assert not (out / CHECKPOINT).exists()  # deleted once the result is written
 
 
@@ -122,7 +122,8 @@ def test_aggregate_mean_and_standard_error_across_seeds():
     def record(seed: int, sentiment: float) -> dict:
         return {
             "variant": "k1", "beta": 0.1, "seed": seed,
-            "eval": {"sentiment": {"mean": sentiment}, "kl": {"mean": 1.0}, "perplexity": 20.0, "distinct_2": 0.9},
+            "eval": {"sentiment": {"mean": sentiment, "sem": 0.04}, "kl": {"mean": 1.0, "sem": 0.02}, "perplexity": 20.0,
+                     "distinct_2": 0.9},
         }  # fmt: skip
 
     (cell,) = aggregate([record(0, 0.1), record(1, 0.3), record(2, 0.2)], ["k1"])
@@ -131,3 +132,7 @@ def test_aggregate_mean_and_standard_error_across_seeds():
     assert cell.sem["kl"] == 0.0 and "train_reward" not in cell.mean
     assert mean_sem([0.5]) == (0.5, None)
     assert "| k1 | 0.1 | 3 | +0.200 ± 0.058 | 1.000 ± 0.000 |" in table([cell], {}, None)
+    assert cell.error("sentiment") == cell.sem["sentiment"]
+    (single,) = aggregate([record(0, 0.1)], ["k1"])  # one seed: the error over prompts
+    assert single.error("sentiment") == 0.04 and single.error("perplexity") == 0.0
+    assert "| k1 | 0.1 | 1 | +0.100 (± 0.040 prompts) | 1.000 (± 0.020 prompts) | 20.0 |" in table([single], {}, None)
