@@ -275,6 +275,10 @@ def held_out_prompts(args: Args, n: int | None) -> list[str]:
 
 def run_study(options: argparse.Namespace) -> int:
     """Run every missing run of the grid; the number of runs that failed."""
+    for name in ("iters", "eval_batch"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     base = check_config(options.config)
     prompts = held_out_prompts(base, options.eval_prompts)
     runs_dir = options.results / RUN_RESULTS
@@ -303,7 +307,7 @@ def run_study(options: argparse.Namespace) -> int:
             "label": VARIANTS[run.variant].label,
             "beta": run.beta,
             "seed": run.seed,
-            "config": {**dataclasses.asdict(args), "out": str(out), "resume": False},
+            "config": dataclasses.asdict(args),
             **provenance(),
             "train": train_metrics(out),
             "eval": evaluation,

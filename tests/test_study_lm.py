@@ -89,11 +89,17 @@ def test_bad_grid_flags_exit_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_config_must_not_set_the_studied_keys(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "yaml_text, extra, message",
+    [("kl_coef: 0.2\n", [], "kl_coef"), ("iters: 1\n", ["--eval-batch", "0"], "--eval-batch"),
+     ("iters: 1\n", ["--eval-prompts", "1000"], "--eval-prompts")],
+)  # fmt: skip
+def test_bad_study_input_fails_before_any_run(yaml_text, extra, message, tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text("kl_coef: 0.2\niters: 1\n")
-    assert study.main(["--config", str(config), "--results", str(tmp_path / "r")]) == 2
-    assert "kl_coef" in capsys.readouterr().err
+    config.write_text(yaml_text)
+    assert study.main(["--config", str(config), "--results", str(tmp_path / "r"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_reference_policy_has_zero_kl_and_evaluation_is_deterministic(tiny_lm_path, tiny_prompts):
