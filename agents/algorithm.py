@@ -239,8 +239,19 @@ class PPOKL(PPO):
 
         ``kl_estimators.sequence_kl_loss`` is a batch mean of per-sequence sums; scaling by
         B / n_tokens turns it into a per-token mean, the same weighting as the PPO terms.
+
+        The rollout policy mu (``batch.old_logprobs``) sampled the batch; after the first
+        minibatch step pi != mu. ``analytic_grad`` puts only the direct term sum_t KL_t(s_t) in the
+        loss, as ``analytic-is``: sg(W_{t-1}) KL_t with the prefix ratio W_{t-1} = prod_{t'<t} pi/mu,
+        so its expected gradient is E_pi[sum_t grad KL_t(s_t)] at every epoch (exactly the
+        on-policy direct term; without the weight it would be taken at mu's states; W is not
+        clipped, so its variance grows with how far pi has moved from mu). The future
+        term (score_t x later KLs) is not in this loss: with ``kl_reward`` it is in the reward, and
+        PPO's clipped token-ratio surrogate handles it like the task reward (no prefix ratio). At
+        the first epoch (W = 1) the total is ``analytic-future`` (``kl_reward="analytic"``).
+        ``kl_loss`` estimators ignore mu, as the frameworks they model do.
         """
-        estimator = "analytic" if self.analytic_grad else self.kl_loss
+        estimator = "analytic-is" if self.analytic_grad else self.kl_loss
         if estimator is None:
             return torch.zeros((), device=logits.device)
         scale = batch.mask.shape[0] / batch.mask.sum().clamp(min=1)
@@ -251,6 +262,7 @@ class PPOKL(PPO):
             batch.mask,
             logits=logits,
             ref_logits=batch.ref_logits,
+            behaviour_logprobs=batch.old_logprobs,
             chunk_size=self.kl_chunk_size,
         )
         return self.kl_controller.value * scale * loss

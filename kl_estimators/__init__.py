@@ -1,19 +1,25 @@
-"""KL values, KL-gradient estimators and KL-coefficient controllers for RL fine-tuning of LMs.
+"""KL values, KL-gradient estimators (on- and off-policy) and KL-coefficient controllers for RL
+fine-tuning of LMs.
 
 Standalone: imports nothing but torch and the standard library.
 """
 
 from kl_estimators.controllers import AdaptiveKLController, FixedKLController
-from kl_estimators.gradients import ESTIMATORS, sequence_kl_loss
+from kl_estimators.gradients import ESTIMATORS, per_token_kl_loss, sequence_kl_loss
+from kl_estimators.info import ESTIMATOR_INFO, GRADIENT_QUANTITIES, EstimatorInfo
 from kl_estimators.values import analytic, k1, k2, k3
 
 __all__ = [
     "ESTIMATORS",
+    "ESTIMATOR_INFO",
+    "GRADIENT_QUANTITIES",
     "AdaptiveKLController",
+    "EstimatorInfo",
     "FixedKLController",
     "analytic",
     "k1",
     "k2",
     "k3",
+    "per_token_kl_loss",
     "sequence_kl_loss",
 ]

@@ -1,36 +1,86 @@
-"""Gradient estimators for the sequence-level reverse KL of an autoregressive policy.
+"""Gradient estimators for the sequence-level reverse KL of an autoregressive policy, on- and off-policy.
 
-    KL(pi(.|x) || pi_ref(.|x)) = E_{y~pi}[ sum_t log pi(y_t|s_t) - log pi_ref(y_t|s_t) ]
-                               = E_{y~pi}[ sum_t KL(pi(.|s_t) || pi_ref(.|s_t)) ],   s_t = (x, y_<t).
+    KL(pi(.|x) || pi_ref(.|x)) = E_{y~pi}[ sum_t k1_t ] = E_{y~pi}[ sum_t KL_t(s_t) ],   s_t = (x, y_<t),
 
-Each estimator is a per-sequence surrogate whose autograd gradient, for one sampled y ~ pi, is
-the named estimator; its docstring states what that gradient equals in expectation. Notation:
-score_t = grad log pi(y_t|s_t), k1_t = log pi(y_t|s_t) - log pi_ref(y_t|s_t),
-KL_t = KL(pi(.|s_t) || pi_ref(.|s_t)). ``sg`` is stop-gradient.
+with k1_t = log pi(y_t|s_t) - log pi_ref(y_t|s_t), KL_t = KL(pi(.|s_t) || pi_ref(.|s_t)) (exact, over
+the vocabulary), score_t = grad log pi(y_t|s_t), sg = stop-gradient. Sequences may come from a
+behaviour policy mu (the policy that sampled them: pi_old after the first PPO/GRPO step, or an
+inference engine); ``behaviour_logprobs`` = log mu(y_t|s_t), None meaning mu = sg(pi).
+rho_t = pi/mu at token t and W_t = prod_{t'<=t} rho_t' (``kl_estimators.weights``).
 
-    estimator          surrogate                                  E[gradient]
-    reinforce          sum_t score_t * sg(sum_t' k1_t')           grad KL
-    reinforce-future   sum_t score_t * sg(sum_{t'>=t} k1_t')      grad KL (lower variance)
-    analytic           sum_t KL_t                                 grad KL at T = 1; biased for T > 1
-    analytic-future    sum_t KL_t + score_t * sg(sum_{t'>t} KL_t') grad KL
-    k1-loss            sum_t k1_t                                 0
-    k2-loss            sum_t k2_t                                 grad KL at T = 1; partial for T > 1
-    k3-loss            sum_t k3_t                                 grad KL(pi_ref || pi) at T = 1
+Every estimator is a per-token loss term [B, T]; its autograd gradient, summed over tokens, is the
+named estimator, and its value is a KL estimate. ``kl_estimators.ESTIMATOR_INFO`` states for each
+what the expected gradient and value equal on- and off-policy; ``tests/test_kl_expectations.py``
+proves every statement by exact enumeration on tabular policies.
+
+    estimator            per-token term (gradient in words)
+    reinforce            sg(k1_t) + score_t sg(sum_t' k1_t')              REINFORCE, whole-sequence return
+    reinforce-future     sg(k1_t) + score_t sg(sum_{t'>=t} k1_t')         returns-to-go (= k1 in the reward)
+    reinforce-future-is  sg(W_t k1_t) + score_t sg(sum_{t'>=t} W_t' k1_t') per-decision IS: unbiased off-policy
+    analytic             KL_t                                             direct part only
+    analytic-is          sg(W_{t-1}) KL_t                                 direct part at pi's states
+    analytic-future      KL_t + score_t sg(sum_{t'>t} KL_t')              Rao-Blackwellised, unbiased on-policy
+    analytic-future-is   sg(W_{t-1}) KL_t + score_t sg(sum_{t'>t} W_{t'-1} KL_t')   unbiased off-policy
+    k1-loss, k2-loss, k3-loss, abs-loss   k1_t, k2_t, k3_t, |k1_t| differentiated directly
+    k1+, k3+             value k1_t / k3_t, gradient of k2_t (verl's straight-through "+")
+    k3-ratio             rho_t k3_t, rho_t differentiable (DeepSeek-V3.2, TRL use_bias_correction_kl)
+    k3+is                value k3_t, gradient sg(rho_t) grad k2_t (OpenRLHF's unbiased_gradient)
+    k3-reward            sg(k3_t) + score_t sg(sum_{t'>=t} k3_t')         k3 in the reward
+
+Estimators that ignore the behaviour policy accept ``importance="token"`` (each term times
+sg(rho_t), as PPO's ratio does) or ``importance="sequence"`` (times sg(W_T): then the off-policy
+expectation of gradient and value equals the on-policy one exactly). ``weight_clip`` truncates or
+clamps every importance weight's value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from kl_estimators._checks import check_mask, check_ndim, check_same_shape, upcast
+from kl_estimators.info import ESTIMATOR_INFO
 from kl_estimators.values import analytic, k1, k2, k3
+from kl_estimators.weights import WeightClip, check_weight_clip, prefix_log_ratios, token_log_ratios, weight
+
+IMPORTANCE = ("token", "sequence")
 
 
-def _score(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log pi(y_t|s_t) with masked positions set to 0 (and no gradient)."""
-    return torch.where(mask, upcast(logprobs), 0.0)
+@dataclass(frozen=True)
+class _Batch:
+    """Validated inputs: [B, T] log-probs set to 0 where ``mask`` is False, log rho_t, options."""
+
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    mask: torch.Tensor
+    log_rho: torch.Tensor
+    logits: torch.Tensor | None
+    ref_logits: torch.Tensor | None
+    weight_clip: WeightClip
+    chunk_size: int | None
+
+    @property
+    def score(self) -> torch.Tensor:
+        """0 in value, score_t = grad log pi(y_t|s_t) in gradient (0 where masked)."""
+        return self.logprobs - self.logprobs.detach()
+
+    def k(self, estimate: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """A per-token estimate (k1, k2, k3) of the sampled tokens, 0 where masked."""
+        return estimate(self.logprobs, self.ref_logprobs, self.mask)
+
+    def kl(self) -> torch.Tensor:
+        """KL_t, the exact KL at every position, 0 where masked."""
+        return analytic(self.logits, self.ref_logits, mask=self.mask, chunk_size=self.chunk_size)
+
+    def prefix_weight(self, inclusive: bool) -> torch.Tensor:
+        """Constant W_t (``inclusive``) or W_{t-1}, clipped."""
+        return weight(prefix_log_ratios(self.log_rho, inclusive), self.weight_clip, differentiable=False)
+
+    def on_policy(self) -> _Batch:
+        """The same batch with mu = sg(pi): every importance weight is 1."""
+        return replace(self, log_rho=torch.zeros_like(self.log_rho), weight_clip=None)
 
 
 def _suffix_sum(x: torch.Tensor, strict: bool) -> torch.Tensor:
@@ -40,89 +90,71 @@ def _suffix_sum(x: torch.Tensor, strict: bool) -> torch.Tensor:
     return x.flip(-1).cumsum(-1).flip(-1)
 
 
-def _reinforce(logprobs, ref_logprobs, mask, logits, ref_logits, chunk_size):
-    """sum_t score_t * sg(sum_t' k1_t').  Unbiased: E = grad KL.
-
-    The pathwise term sum_t score_t of grad E_pi[f_theta] is left out (its expectation is 0).
-    """
-    returns = k1(logprobs, ref_logprobs, mask).sum(-1).detach()
-    return _score(logprobs, mask).sum(-1) * returns
+def _straight_through(value: torch.Tensor, gradient_of: torch.Tensor) -> torch.Tensor:
+    """Equal to ``value``; its gradient is that of ``gradient_of``."""
+    return value.detach() + gradient_of - gradient_of.detach()
 
 
-def _reinforce_future(logprobs, ref_logprobs, mask, logits, ref_logits, chunk_size):
-    """sum_t score_t * sg(sum_{t' >= t} k1_t').  Unbiased: E = grad KL.
-
-    Earlier k1_t' (t' < t) depend only on s_t, and E[score_t | s_t] = 0, so dropping them keeps
-    the expectation and lowers the variance.
-    """
-    returns_to_go = _suffix_sum(k1(logprobs, ref_logprobs, mask), strict=False).detach()
-    return (_score(logprobs, mask) * returns_to_go).sum(-1)
+def _reward_to_go(b: _Batch, rewards: torch.Tensor) -> torch.Tensor:
+    """sg(r_t) + score_t sg(sum_{t'>=t} r_t'): the policy gradient of per-token rewards -r_t."""
+    return rewards.detach() + b.score * _suffix_sum(rewards, strict=False).detach()
 
 
-def _analytic_only(logprobs, ref_logprobs, mask, logits, ref_logits, chunk_size):
-    """sum_t KL_t(s_t), differentiated directly: E = E_pi[sum_t grad KL_t(s_t)].
-
-    Biased for T > 1: it holds the state distribution fixed, missing how y_t changes later KLs.
-    Exact (zero variance) for T = 1.
-    """
-    return analytic(logits, ref_logits, mask=mask, chunk_size=chunk_size).sum(-1)
+def _reinforce(b: _Batch) -> torch.Tensor:
+    k1_t = b.k(k1)
+    return k1_t.detach() + b.score * k1_t.sum(-1, keepdim=True).detach()
 
 
-def _analytic_future(logprobs, ref_logprobs, mask, logits, ref_logits, chunk_size):
-    """sum_t KL_t(s_t) + score_t * sg(sum_{t' > t} KL_t'(s_t')).  Unbiased: E = grad KL.
-
-    It is the exact gradient of KL = E[sum_t KL_t(s_t)]: the direct term plus the score-function
-    term for the later positions' states.
-    """
-    kl = analytic(logits, ref_logits, mask=mask, chunk_size=chunk_size)
-    future = _suffix_sum(kl, strict=True).detach()
-    return (kl + _score(logprobs, mask) * future).sum(-1)
+def _reinforce_future_is(b: _Batch) -> torch.Tensor:
+    return _reward_to_go(b, b.prefix_weight(inclusive=True) * b.k(k1))
 
 
-def _k1_loss(logprobs, ref_logprobs, mask, logits, ref_logits, chunk_size):
-    """sum_t k1_t differentiated directly: grad = sum_t score_t, E = 0 (zero mean, no signal)."""
-    return k1(logprobs, ref_logprobs, mask).sum(-1)
+def _analytic_is(b: _Batch) -> torch.Tensor:
+    return b.prefix_weight(inclusive=False) * b.kl()
 
 
-def _k2_loss(logprobs, ref_logprobs, mask, logits, ref_logits, chunk_size):
-    """sum_t k2_t differentiated directly: grad = sum_t score_t * k1_t.
-
-    T = 1: E = grad KL. T > 1: biased ("partial"), it misses each token's effect on later k1.
-    """
-    return k2(logprobs, ref_logprobs, mask).sum(-1)
+def _analytic_future_is(b: _Batch) -> torch.Tensor:
+    weighted_kl = _analytic_is(b)
+    return weighted_kl + b.score * _suffix_sum(weighted_kl, strict=True).detach()
 
 
-def _k3_loss(logprobs, ref_logprobs, mask, logits, ref_logits, chunk_size):
-    """sum_t k3_t differentiated directly (GRPO's KL loss): grad = sum_t score_t * (1 - pi_ref/pi).
-
-    T = 1: E = -E_pi[(pi_ref/pi) score] = grad KL(pi_ref || pi), the FORWARD KL's gradient,
-    not the reverse one (Tang & Munos 2025, arXiv 2506.09477).
-    """
-    return k3(logprobs, ref_logprobs, mask).sum(-1)
-
-
-_SURROGATES: dict[str, Callable[..., torch.Tensor]] = {
+_TERMS: dict[str, Callable[[_Batch], torch.Tensor]] = {
     "reinforce": _reinforce,
-    "reinforce-future": _reinforce_future,
-    "analytic": _analytic_only,
-    "analytic-future": _analytic_future,
-    "k1-loss": _k1_loss,
-    "k2-loss": _k2_loss,
-    "k3-loss": _k3_loss,
+    "reinforce-future": lambda b: _reinforce_future_is(b.on_policy()),
+    "reinforce-future-is": _reinforce_future_is,
+    "analytic": lambda b: b.kl(),
+    "analytic-is": _analytic_is,
+    "analytic-future": lambda b: _analytic_future_is(b.on_policy()),
+    "analytic-future-is": _analytic_future_is,
+    "k1-loss": lambda b: b.k(k1),
+    "k2-loss": lambda b: b.k(k2),
+    "k3-loss": lambda b: b.k(k3),
+    "abs-loss": lambda b: b.k(k1).abs(),
+    "k1+": lambda b: _straight_through(b.k(k1), b.k(k2)),
+    "k3+": lambda b: _straight_through(b.k(k3), b.k(k2)),
+    "k3-ratio": lambda b: weight(b.log_rho, b.weight_clip, differentiable=True) * b.k(k3),
+    "k3+is": lambda b: _straight_through(b.k(k3), weight(b.log_rho, b.weight_clip, differentiable=False) * b.k(k2)),
+    "k3-reward": lambda b: _reward_to_go(b, b.k(k3)),
 }
-ESTIMATORS: tuple[str, ...] = tuple(_SURROGATES)
-_NEEDS_LOGITS = frozenset({"analytic", "analytic-future"})
+ESTIMATORS: tuple[str, ...] = tuple(_TERMS)  # the order of ESTIMATOR_INFO (checked by the tests)
 
 
-def _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits) -> None:
-    if estimator not in _SURROGATES:
+def _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, behaviour_logprobs, importance) -> None:
+    if estimator not in _TERMS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     check_ndim("logprobs", logprobs, 2, "[B, T]")
     check_same_shape("logprobs", logprobs, "ref_logprobs", ref_logprobs)
+    if behaviour_logprobs is not None:
+        check_same_shape("logprobs", logprobs, "behaviour_logprobs", behaviour_logprobs)
     if mask is None:
         raise ValueError("mask is required: a bool [B, T] tensor, True at generated tokens")
     check_mask(mask, logprobs.shape)
-    if estimator not in _NEEDS_LOGITS:
+    info = ESTIMATOR_INFO[estimator]
+    if importance is not None and importance not in IMPORTANCE:
+        raise ValueError(f"importance must be None or one of {IMPORTANCE}, got {importance!r}")
+    if importance is not None and info.uses_behaviour:
+        raise ValueError(f"importance must be None for {estimator!r}, which weights by behaviour_logprobs itself")
+    if not info.needs_logits:
         return
     if logits is None or ref_logits is None:
         raise ValueError(f"estimator {estimator!r} needs logits and ref_logits ([B, T, V])")
@@ -135,6 +167,50 @@ def _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits) -
     check_same_shape("logits", logits, "ref_logits", ref_logits)
 
 
+def per_token_kl_loss(
+    estimator: str,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
+    *,
+    behaviour_logprobs: torch.Tensor | None = None,
+    importance: str | None = None,
+    weight_clip: WeightClip = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """[B, T] per-token KL loss terms (0 where ``mask`` is False) whose gradient is ``estimator``.
+
+    The drop-in for a framework's per-token KL term: logprobs, ref_logprobs and
+    behaviour_logprobs are log pi, log pi_ref and log mu (the "old"/rollout policy) of the sampled
+    tokens, [B, T]; ref and behaviour inputs are constants. logits, ref_logits: [B, T, V], for the
+    analytic estimators only. The guarantees of ``ESTIMATOR_INFO`` hold for the sum over tokens
+    divided by a constant (a batch token-sum or token-mean), not for per-sequence length
+    normalisation. ``importance``: "token" or "sequence" importance weighting of an estimator that
+    ignores mu; ``weight_clip``: c (min(w, c)) or (lo, hi) on every importance weight;
+    ``chunk_size``: passed to ``analytic``.
+    """
+    _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, behaviour_logprobs, importance)
+    check_weight_clip(weight_clip)
+    batch = _Batch(
+        logprobs=torch.where(mask, upcast(logprobs), 0.0),
+        ref_logprobs=torch.where(mask, upcast(ref_logprobs).detach(), 0.0),
+        mask=mask,
+        log_rho=token_log_ratios(logprobs, behaviour_logprobs, mask),
+        logits=logits,
+        ref_logits=None if ref_logits is None else ref_logits.detach(),
+        weight_clip=weight_clip,
+        chunk_size=chunk_size,
+    )
+    terms = _TERMS[estimator](batch)
+    if importance == "token":
+        terms = terms * weight(batch.log_rho, weight_clip, differentiable=False)
+    elif importance == "sequence":
+        terms = terms * weight(batch.log_rho.sum(-1, keepdim=True), weight_clip, differentiable=False)
+    return terms
+
+
 def sequence_kl_loss(
     estimator: str,
     logprobs: torch.Tensor,
@@ -143,18 +219,25 @@ def sequence_kl_loss(
     logits: torch.Tensor | None = None,
     ref_logits: torch.Tensor | None = None,
     *,
+    behaviour_logprobs: torch.Tensor | None = None,
+    importance: str | None = None,
+    weight_clip: WeightClip = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Batch mean over B of a per-sequence surrogate whose gradient is ``estimator``.
+    """Batch mean over B of the per-sequence sums of ``per_token_kl_loss`` (same arguments).
 
-    logprobs, ref_logprobs: [B, T] log-probs of the sampled tokens under pi and pi_ref
-    (``ref_logprobs`` is treated as constant). mask: [B, T] bool, True at generated tokens;
-    masked positions contribute nothing. logits, ref_logits: [B, T, V], required by
-    "analytic" and "analytic-future" (``ref_logits`` constant); ``chunk_size`` is passed to
-    ``analytic``. See ``ESTIMATORS`` and each surrogate's docstring for its expected gradient.
+    Its gradient's expectation over y ~ mu (mu = pi when ``behaviour_logprobs`` is None) is what
+    ``ESTIMATOR_INFO[estimator]`` states; its value is the batch mean of a KL estimate.
     """
-    _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits)
-    ref_logprobs = ref_logprobs.detach()
-    ref_logits = None if ref_logits is None else ref_logits.detach()
-    per_sequence = _SURROGATES[estimator](logprobs, ref_logprobs, mask, logits, ref_logits, chunk_size)
-    return per_sequence.mean()
+    return per_token_kl_loss(
+        estimator,
+        logprobs,
+        ref_logprobs,
+        mask,
+        logits,
+        ref_logits,
+        behaviour_logprobs=behaviour_logprobs,
+        importance=importance,
+        weight_clip=weight_clip,
+        chunk_size=chunk_size,
+    ).sum(-1).mean()

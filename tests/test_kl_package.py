@@ -13,12 +13,16 @@ FORBIDDEN = ("transformers", "gymnasium", "stable_baselines3", "datasets", "lmgy
 
 def test_public_api():
     assert set(kl_estimators.__all__) == {
-        "ESTIMATORS", "AdaptiveKLController", "FixedKLController", "analytic", "k1", "k2", "k3", "sequence_kl_loss",
+        "ESTIMATORS", "ESTIMATOR_INFO", "GRADIENT_QUANTITIES", "AdaptiveKLController", "EstimatorInfo",
+        "FixedKLController", "analytic", "k1", "k2", "k3", "per_token_kl_loss", "sequence_kl_loss",
     }
     assert all(hasattr(kl_estimators, name) for name in kl_estimators.__all__)
     assert kl_estimators.ESTIMATORS == (
-        "reinforce", "reinforce-future", "analytic", "analytic-future", "k1-loss", "k2-loss", "k3-loss",
+        "reinforce", "reinforce-future", "reinforce-future-is", "analytic", "analytic-is", "analytic-future",
+        "analytic-future-is", "k1-loss", "k2-loss", "k3-loss", "abs-loss", "k1+", "k3+", "k3-ratio", "k3+is",
+        "k3-reward",
     )
+    assert tuple(kl_estimators.ESTIMATOR_INFO) == kl_estimators.ESTIMATORS
 
 
 def test_imports_only_torch():

@@ -1,0 +1,153 @@
+"""What every KL-gradient estimator's expected gradient and value equal, on- and off-policy.
+
+``ESTIMATOR_INFO[name]`` is the one statement per estimator: the booleans and the named
+quantities are checked by exact enumeration in ``tests/test_kl_expectations.py`` (every entry, every
+claim), and the README's estimator table is ``markdown_table()``.
+
+"On-policy": y ~ pi, ``behaviour_logprobs=None``. "Off-policy": y ~ mu, ``behaviour_logprobs`` =
+log mu, default options. The sampler q is pi on-policy and mu off-policy. Gradient quantities
+(``GRADIENT_QUANTITIES``) hold the state distribution fixed where they say "states from q".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GRADIENT_QUANTITIES: dict[str, str] = {
+    "grad_kl": "grad KL(pi || pi_ref): unbiased",
+    "direct": "E_q[sum_t grad KL_t(s_t)], states from q held fixed: the direct part of grad KL, equal to it at T = 1",
+    "direct_pi": "E_pi[sum_t grad KL_t(s_t)], states from pi held fixed, whatever the sampler: equal to grad KL at T = 1",
+    "zero": "0: no signal",
+    "neg_grad_kl_mu_pi": "-grad KL(mu || pi), mu fixed: descending it pushes pi away from mu (0 when mu = pi)",
+    "forward_direct": "E_q[sum_t grad KL(pi_ref(.|s_t) || pi(.|s_t))], states from q held fixed: grad of the forward KL(pi_ref || pi) at T = 1",
+    "abs_direct": "E_q[sum_t grad sum_v |pi(v|s_t) - pi_ref(v|s_t)|], states from q held fixed: 2 x grad of the total variation at T = 1",
+    "k2_mu": "grad E_mu[sum_t k2_t] with mu fixed, = E_mu[sum_t k1_t score_t]: the squared log-ratio under mu, not the KL",
+    "grad_kl_minus_forward_direct": "grad KL - E_q[sum_t grad KL(pi_ref(.|s_t) || pi(.|s_t))]: biased by the forward-KL direct term",
+}
+
+
+@dataclass(frozen=True)
+class EstimatorInfo:
+    """One estimator: its per-token term, how mu enters, and what its expectations equal.
+
+    ``*_gradient`` name a key of ``GRADIENT_QUANTITIES`` that E_q[gradient] equals exactly, or
+    None where it is biased with no simpler form (``on_policy``/``off_policy`` give the form).
+    ``unbiased_*``: E_q[gradient] = grad KL(pi || pi_ref) for every length T.
+    ``value_unbiased_*``: E_q[sum_t term_t] = KL(pi || pi_ref) for every T.
+    """
+
+    name: str
+    term: str
+    behaviour: str
+    uses_behaviour: bool
+    needs_logits: bool
+    unbiased_on_policy: bool
+    unbiased_off_policy: bool
+    on_policy_gradient: str | None
+    off_policy_gradient: str | None
+    on_policy: str
+    off_policy: str
+    value_unbiased_on_policy: bool
+    value_unbiased_off_policy: bool
+    used_by: str
+
+
+_IGNORES_MU = "ignored (importance='token'/'sequence' weights it)"
+_MYOPIC = "direct part E_pi[sum_t grad KL_t(s_t)]: = grad KL at T = 1, biased for T > 1"
+_MYOPIC_AT_MU = "direct part at mu's states, E_mu[sum_t grad KL_t(s_t)]: = grad KL at T = 1, biased for T > 1"
+_K2_AT_MU = "grad of E_mu[sum_t k2_t] (mu fixed): biased even at T = 1"
+
+
+def _info(name: str, term: str, behaviour: str, on: str | None, off: str | None, on_text: str, off_text: str,
+          values: tuple[bool, bool], used_by: str, needs_logits: bool = False) -> EstimatorInfo:
+    return EstimatorInfo(
+        name=name,
+        term=term,
+        behaviour=behaviour,
+        uses_behaviour=behaviour != _IGNORES_MU,
+        needs_logits=needs_logits,
+        unbiased_on_policy=on == "grad_kl",
+        unbiased_off_policy=off == "grad_kl",
+        on_policy_gradient=on,
+        off_policy_gradient=off,
+        on_policy=on_text,
+        off_policy=off_text,
+        value_unbiased_on_policy=values[0],
+        value_unbiased_off_policy=values[1],
+        used_by=used_by,
+    )
+
+
+_ENTRIES = (
+    _info("reinforce", "sg(k1_t) + score_t sg(sum_t' k1_t')", _IGNORES_MU, "grad_kl", None,
+          "grad KL (unbiased)",
+          "biased: E_mu[(sum_t score_t)(sum_t k1_t)], no ratio pi/mu; importance='sequence' makes it unbiased",
+          (True, False), "sequence-level k1 in the reward (TRL RLOOTrainer)"),
+    _info("reinforce-future", "sg(k1_t) + score_t sg(sum_{t'>=t} k1_t')", _IGNORES_MU, "grad_kl", None,
+          "grad KL (unbiased), lower variance than reinforce",
+          "biased: returns-to-go under mu without ratios",
+          (True, False), "per-token k1 in the reward with returns-to-go (PPO with gamma = lambda = 1)"),
+    _info("reinforce-future-is", "sg(W_t k1_t) + score_t sg(sum_{t'>=t} W_t' k1_t')", "prefix ratios W_t", "grad_kl", "grad_kl",
+          "grad KL (unbiased); = reinforce-future",
+          "grad KL (unbiased) for every mu",
+          (True, True), "this library (per-decision importance sampling)"),
+    _info("analytic", "KL_t", _IGNORES_MU, "direct", "direct",
+          _MYOPIC, _MYOPIC_AT_MU,
+          (True, False), "the seed project's analytic KL gradient", needs_logits=True),
+    _info("analytic-is", "sg(W_{t-1}) KL_t", "prefix ratios W_{t-1}", "direct_pi", "direct_pi",
+          _MYOPIC + "; = analytic",
+          "direct part at pi's states, E_pi[sum_t grad KL_t(s_t)], as on-policy: = grad KL at T = 1, biased for T > 1",
+          (True, True), "PPOKL analytic_grad (the direct term; the future term goes through PPO's advantage)", needs_logits=True),
+    _info("analytic-future", "KL_t + score_t sg(sum_{t'>t} KL_t')", _IGNORES_MU, "grad_kl", None,
+          "grad KL (unbiased): Rao-Blackwellised (exact KL at every position)",
+          "biased: direct terms at mu's states, score terms without ratios",
+          (True, False), "Amini, Vieira & Cotterell 2025 (Rao-Blackwellised KL); PPOKL analytic reward + analytic_grad", needs_logits=True),
+    _info("analytic-future-is", "sg(W_{t-1}) KL_t + score_t sg(sum_{t'>t} W_{t'-1} KL_t')", "prefix ratios W_{t-1}", "grad_kl", "grad_kl",
+          "grad KL (unbiased); = analytic-future",
+          "grad KL (unbiased) for every mu",
+          (True, True), "this library", needs_logits=True),
+    _info("k1-loss", "k1_t", _IGNORES_MU, "zero", "neg_grad_kl_mu_pi",
+          "0: no signal", "-grad KL(mu || pi): pushes pi away from mu, not towards pi_ref",
+          (True, False), "verl kl_loss_type=k1; OpenRLHF use_kl_loss with kl_estimator=k1"),
+    _info("k2-loss", "k2_t = (k1_t)^2 / 2", _IGNORES_MU, "direct", "k2_mu",
+          _MYOPIC, _K2_AT_MU,
+          (False, False), "verl kl_loss_type=k2/mse; OpenRLHF use_kl_loss with kl_estimator=k2"),
+    _info("k3-loss", "k3_t = pi_ref/pi - 1 - log(pi_ref/pi)", _IGNORES_MU, "forward_direct", None,
+          "grad of the forward KL(pi_ref || pi) at T = 1 (direct part of it for T > 1), not the reverse KL",
+          "biased: E_mu[sum_t (1 - pi_ref/pi)(y_t|s_t) score_t]",
+          (True, False), "GRPO; TRL GRPOTrainer (beta > 0, no bias correction); verl low_var_kl/k3 (clamped); OpenRLHF k3 in the loss"),
+    _info("abs-loss", "|k1_t|", _IGNORES_MU, "abs_direct", None,
+          "2 x grad of the total variation |pi - pi_ref|_1 / 2 at T = 1 (direct part for T > 1), not the KL",
+          "biased: E_mu[sum_t sign(k1_t) score_t]",
+          (False, False), "verl kl_loss_type=abs"),
+    _info("k1+", "value k1_t, gradient of k2_t", _IGNORES_MU, "direct", "k2_mu",
+          _MYOPIC + "; = k2-loss", _K2_AT_MU,
+          (True, False), "verl kl_loss_type=k1+"),
+    _info("k3+", "value k3_t, gradient of k2_t", _IGNORES_MU, "direct", "k2_mu",
+          _MYOPIC + "; = k2-loss", _K2_AT_MU,
+          (True, False), "verl kl_loss_type=k3+"),
+    _info("k3-ratio", "rho_t k3_t, rho_t differentiable", "token ratio rho_t (differentiable)", "direct", "direct",
+          _MYOPIC + "; = k2-loss", _MYOPIC_AT_MU,
+          (True, False), "DeepSeek-V3.2; TRL GRPOTrainer use_bias_correction_kl=True (importance_sampling_level='token')"),
+    _info("k3+is", "value k3_t, gradient sg(rho_t) grad k2_t", "token ratio rho_t (detached)", "direct", "direct",
+          _MYOPIC + "; = k2-loss", _MYOPIC_AT_MU,
+          (True, False), "OpenRLHF unbiased_gradient (clamped w; k1/k2 change only the value)"),
+    _info("k3-reward", "sg(k3_t) + score_t sg(sum_{t'>=t} k3_t')", _IGNORES_MU, "grad_kl_minus_forward_direct", None,
+          "biased: grad KL - E_pi[sum_t grad KL(pi_ref(.|s_t) || pi(.|s_t))] (k3's own-token term)",
+          "biased: k3 returns-to-go under mu without ratios",
+          (True, False), "k3 in the per-token reward (verl use_kl_in_reward with kl_penalty=low_var_kl; TRL PPO kl_estimator=k3)"),
+)
+
+ESTIMATOR_INFO: dict[str, EstimatorInfo] = {entry.name: entry for entry in _ENTRIES}
+
+
+def markdown_table() -> str:
+    """The README's estimator table, generated from ``ESTIMATOR_INFO``."""
+    rows = [
+        "| estimator | per-token term | E[gradient], y ~ pi | E[gradient], y ~ mu | used by |",
+        "|---|---|---|---|---|",
+    ]
+    for info in ESTIMATOR_INFO.values():
+        cells = (f"`{info.name}`", info.term, info.on_policy, info.off_policy, info.used_by)
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows)
