@@ -2,13 +2,17 @@
 
 ``spec`` is one of
 
-- ``"bundled"``: ``lmgym/data/prompts.txt``, one prompt per line (works offline);
+- ``"bundled"``: ``lmgym/data/prompts.txt``, one prompt per line (works offline), and
+  ``lmgym/data/prompts_heldout.txt``, openings used only by the ``"heldout"`` split;
 - ``"stanfordnlp/imdb"`` or ``"imdb"``: the IMDB reviews via ``datasets.load_dataset`` (needs the
   Hub or a local ``datasets`` cache); ``split`` is passed through (``"train"``, ``"test"``, ...);
 - a local ``.csv``, ``.json``, ``.jsonl`` or ``.parquet`` file with a ``text`` column.
 
 Held-out split for the bundled file and local files: ``split="test"`` is every 10th row (rows
 0, 10, 20, ...), ``split="train"`` the other rows, so the two never overlap and are deterministic.
+``split="heldout"`` is the test split followed, for the bundled set, by every row of
+``prompts_heldout.txt`` (40 + 130 prompts), for studies that need more held-out prompts than the
+test split has; for the IMDB data set it is the ``"test"`` split.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ BUNDLED = "bundled"
 HF_IMDB = ("stanfordnlp/imdb", "imdb")
 _LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _HELD_OUT_EVERY = 10
+HELD_OUT = "heldout"
 
 
 def clean(text: str) -> str:
@@ -31,12 +36,12 @@ def clean(text: str) -> str:
 
 
 def held_out_split(rows: list[str], split: str) -> list[str]:
-    """``"test"``: every 10th row from the first; ``"train"``: the rest."""
-    if split == "test":
+    """``"test"`` and ``"heldout"``: every 10th row from the first; ``"train"``: the rest."""
+    if split in ("test", HELD_OUT):
         return rows[::_HELD_OUT_EVERY]
     if split == "train":
         return [row for i, row in enumerate(rows) if i % _HELD_OUT_EVERY]
-    raise ValueError(f"split must be 'train' or 'test' for bundled prompts and local files, got {split!r}")
+    raise ValueError(f"split must be 'train', 'test' or 'heldout' for bundled prompts and local files, got {split!r}")
 
 
 def _read_text_column(builder: str, data_files: str | None, split: str, spec: str) -> list[str]:
@@ -60,13 +65,19 @@ def _read_text_column(builder: str, data_files: str | None, split: str, spec: st
     return list(data["text"])
 
 
+def _bundled_lines(name: str) -> list[str]:
+    text = resources.files("lmgym").joinpath(f"data/{name}").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def load_prompts(spec: str = BUNDLED, split: str = "train", max_prompts: int | None = None) -> list[str]:
     """Cleaned, non-empty prompts of ``spec`` (see the module docstring), at most ``max_prompts``."""
     if spec == BUNDLED:
-        lines = resources.files("lmgym").joinpath("data/prompts.txt").read_text(encoding="utf-8").splitlines()
-        rows = held_out_split([line for line in lines if line.strip()], split)
+        rows = held_out_split(_bundled_lines("prompts.txt"), split)
+        if split == HELD_OUT:
+            rows += _bundled_lines("prompts_heldout.txt")
     elif spec in HF_IMDB:
-        rows = _read_text_column("stanfordnlp/imdb", None, split, spec)
+        rows = _read_text_column("stanfordnlp/imdb", None, "test" if split == HELD_OUT else split, spec)
     elif Path(spec).suffix.lower() in _LOCAL_FORMATS:
         if not Path(spec).is_file():
             raise FileNotFoundError(f"prompt file {spec!r} does not exist")

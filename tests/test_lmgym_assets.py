@@ -78,6 +78,12 @@ def test_bundled_prompts_split():
         load_prompts(split="validation")
 
 
+def test_bundled_heldout_split_extends_the_test_split_with_unseen_openings():
+    train, test, heldout = (load_prompts(split=split) for split in ("train", "test", "heldout"))
+    assert heldout[: len(test)] == test and len(heldout) >= len(test) + 100
+    assert len(set(heldout)) == len(heldout) and not set(heldout) & set(train)
+
+
 ROWS = ["First review.<br />It was fine.", "Second  review", "", "Third", *[f"review {i}" for i in range(4, 21)]]
 
 
