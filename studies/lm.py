@@ -10,8 +10,9 @@ held-out evaluation of its final policy (``studies.lm_eval``) written as a small
 for the first seed is reached first, and within a seed beta-major (all variants at the first
 beta given, then at the next). The study is resumable: a run whose result file exists is
 skipped, a run with a checkpoint is continued with ``--resume``, and a run killed before its first
-checkpoint is started again. The checkpoint (1.6 GB for SmolLM2-135M with the Adam state) is
-deleted once the result is written, unless ``--keep-checkpoints``. The untrained reference policy
+checkpoint is started again. The final policy is evaluated from the run's Hugging Face export
+(``policy/``); it and the checkpoint (1.6 GB for SmolLM2-135M with the Adam state) are deleted
+once the result is written, unless ``--keep-checkpoints``. The untrained reference policy
 is evaluated once (``RESULTS/reference.json``, KL = 0). After every run the table and plots are
 regenerated from whatever results exist (``studies.lm_report``).
 """
@@ -33,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.checkpoint import CHECKPOINT, METRICS, atomic_write, read_metrics
 from agents.config import Args, parse_args
+from agents.run_dir import CHECKPOINT, METRICS, POLICY, atomic_write, read_rows
+from lmgym.assets import load_causal_lm
 from lmgym.prompts import HELD_OUT, load_prompts
 from lmgym.task import ContinuationTask
 from studies.lm_eval import HeldOutScores, evaluate_held_out
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-prompts", type=int, help="held-out prompts per evaluation, the first ones of the heldout split (None: all 170)")
     parser.add_argument("--eval-seed", type=int, default=12345, help="sampling seed of every evaluation")
     parser.add_argument("--eval-batch", type=int, default=64, help="prompts per evaluation batch")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoint.zip")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoint and exported policy")
     parser.add_argument("--report", action="store_true", help="only regenerate the table and plots")
     return parser
 
@@ -191,7 +193,7 @@ def eval_metrics(scores: HeldOutScores, seed: int) -> dict[str, Any]:
 
 def train_metrics(out: Path) -> dict[str, Any]:
     """Iterations done, summed iteration seconds, and rollout reward/KL over the last iterations."""
-    rows = [row for row in read_metrics(out / METRICS) if row.get("rollout/task_reward")]
+    rows = [row for row in read_rows(out / METRICS) if row.get("rollout/task_reward")]
     last = rows[-LAST_ITERATIONS:]
 
     def mean(key: str) -> float:
@@ -250,9 +252,8 @@ def eval_task(args: Args, prompts: list[str]) -> ContinuationTask:
 
 
 def load_policy_lm(out: Path, device: str):
-    from agents.algorithm import PPOKL
-
-    return PPOKL.load(out / CHECKPOINT, device=device).policy.lm
+    """The trained LM from the run's Hugging Face export (``--out/policy``, written at the end)."""
+    return load_causal_lm(str(out / POLICY))[0].to(device)
 
 
 def evaluate_run(options: argparse.Namespace, args: Args, prompts: list[str], out: Path | None) -> dict[str, Any]:
@@ -315,6 +316,7 @@ def run_study(options: argparse.Namespace) -> int:
         write_json(result, record)
         if not options.keep_checkpoints:
             (out / CHECKPOINT).unlink(missing_ok=True)
+            shutil.rmtree(out / POLICY, ignore_errors=True)
         ev = record["eval"]
         print(
             f"{run.run_id}: sentiment {ev['sentiment']['mean']:+.3f}  KL {ev['kl']['mean']:.3f}  "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import studies.lm as study
-from agents.checkpoint import CHECKPOINT, METRICS, read_metrics
+from agents.run_dir import CHECKPOINT, METRICS, POLICY, read_rows
 from lmgym.task import ContinuationTask
 from studies.lm_eval import evaluate_held_out
 from studies.lm_report import aggregate, mean_sem, table
@@ -39,7 +39,7 @@ def test_study_writes_results_skips_finished_runs_resumes_unfinished_ones(tiny_c
     killed_early.mkdir(parents=True)
     (killed_early / METRICS).write_text("iteration\n0\n")
     assert study.main(study_argv(tiny_config, tmp_path, "--keep-checkpoints")) == 0
-    assert [row["iteration"] for row in read_metrics(killed_early / METRICS)] == ["1"]  # started again
+    assert [row["iteration"] for row in read_rows(killed_early / METRICS)] == ["1"]  # started again
     records = {path.stem: json.loads(path.read_text()) for path in (results / "per_run").glob("*.json")}
     assert sorted(records) == ["s0-analytic-agrad-b0.1", "s0-k1-b0.1"]
     record = records["s0-k1-b0.1"]
@@ -64,13 +64,13 @@ def test_study_writes_results_skips_finished_runs_resumes_unfinished_ones(tiny_c
     # an unfinished run: a checkpoint after iteration 1 of 2 and no result file
     (results / "per_run" / "s0-k1-b0.1.json").unlink()
     out = tmp_path / "study" / "s0-k1-b0.1"
-    first_row = read_metrics(out / METRICS)[0]
+    first_row = read_rows(out / METRICS)[0]
     assert study.main(study_argv(tiny_config, tmp_path, "--iters", "2")) == 0
-    rows = read_metrics(out / METRICS)
+    rows = read_rows(out / METRICS)
     assert [row["iteration"] for row in rows] == ["1", "2"] and rows[0] == first_row  # continued, not restarted
     assert "--resume" in (out / "train.log").read_text()
     assert json.loads((results / "per_run" / "s0-k1-b0.1.json").read_text())["train"]["iterations"] == 2
-    assert not (out / CHECKPOINT).exists()  # deleted once the result is written
+    assert not (out / CHECKPOINT).exists() and not (out / POLICY).exists()  # deleted once the result is written
 
 
 def test_grid_is_seed_major():
