@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from agents.buffer import SequenceBatch
-from lmgym.decoding import position_ids_from_mask
+from lmgym.decoding import forward_last
 
 REF_LOGITS_MODES = ("store", "recompute")
 
@@ -39,14 +39,7 @@ def reference_logits(
     """pi_ref's float32 logits ``[b, T, V]`` at the states before each of the last ``n_actions``
     tokens of the left-padded rows (the layout of ``CausalLMPolicy.sequence_forward``)."""
     device = ref_model.device
-    attention_mask = attention_mask.to(device)
-    out = ref_model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=n_actions + 1,
-        use_cache=False,
-    )
+    out = forward_last(ref_model, input_ids.to(device), attention_mask.to(device), n_actions + 1)
     return out.logits[:, :-1].float().to(input_ids.device)
 
 
