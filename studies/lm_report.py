@@ -23,6 +23,7 @@ PARETO_PPL = "pareto_ppl.png"
 METRICS: dict[str, tuple[str, str]] = {  # key -> (column title, format)
     "sentiment": ("held-out sentiment", "+.3f"),
     "kl": ("KL per sequence (nats)", ".3f"),
+    "objective": ("sentiment - beta KL", "+.3f"),
     "perplexity": ("perplexity under pi_ref", ".1f"),
     "distinct_2": ("distinct-2", ".3f"),
     "train_reward": ("train reward (last 5 it.)", "+.3f"),
@@ -31,11 +32,15 @@ METRICS: dict[str, tuple[str, str]] = {  # key -> (column title, format)
 
 
 def run_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
-    """The scalars of one result file that the report aggregates."""
+    """The scalars of one result file that the report aggregates. ``objective`` is the held-out
+    value of what every variant at that beta maximises, E[r] - beta KL(pi || pi_ref) per sequence
+    (None for the reference policy, which has no beta)."""
     evaluation, train = record["eval"], record.get("train", {})
+    sentiment, kl, beta = evaluation["sentiment"]["mean"], evaluation["kl"]["mean"], record.get("beta")
     return {
-        "sentiment": evaluation["sentiment"]["mean"],
-        "kl": evaluation["kl"]["mean"],
+        "sentiment": sentiment,
+        "kl": kl,
+        "objective": None if beta is None else sentiment - float(beta) * kl,
         "perplexity": evaluation["perplexity"],
         "distinct_2": evaluation["distinct_2"],
         "train_reward": train.get("task_reward_last5"),
@@ -124,6 +129,30 @@ def table(cells: list[Cell], labels: Mapping[str, str], reference: Mapping[str, 
     return "\n".join(lines) + "\n"
 
 
+def compute_summary(records: list[Mapping[str, Any]]) -> str:
+    """One paragraph: runs, summed training and evaluation wall time, machines, code versions."""
+    if not records:
+        return "No runs yet.\n"
+    train_hours = sum(float(r.get("train", {}).get("wall_seconds") or 0.0) for r in records) / 3600
+    eval_minutes = sum(float(r["eval"].get("seconds") or 0.0) for r in records) / 60
+    machines: dict[str, int] = {}
+    commits: dict[str, int] = {}
+    for record in records:
+        machine = record.get("machine", {})
+        name = f"{machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} cores, OMP_NUM_THREADS={machine.get('omp_num_threads')})"
+        machines[name] = machines.get(name, 0) + 1
+        commit = str(record.get("git_commit", ""))[:7] + (" (dirty)" if record.get("git_dirty") else "")
+        commits[commit] = commits.get(commit, 0) + 1
+
+    def counted(items: dict[str, int]) -> str:
+        return ", ".join(f"{name}: {n} run{'s' * (n != 1)}" for name, n in items.items())
+
+    return (
+        f"{len(records)} runs; training wall time {train_hours:.1f} h summed over runs, held-out evaluation "
+        f"{eval_minutes:.0f} min. Machines: {counted(machines)}. Code: {counted(commits)}.\n"
+    )
+
+
 def plot_pareto(cells: list[Cell], labels: Mapping[str, str], reference: Mapping[str, Any] | None, x_key: str, path: Path) -> None:
     """Held-out sentiment against ``x_key``, one line per variant through its betas, error bars
     of one standard error on both axes (``Cell.error``)."""
@@ -173,7 +202,7 @@ def write_report(results: Path, variants: Mapping[str, Any]) -> list[Cell]:
     labels = {name: variant.label for name, variant in variants.items()}
     cells = aggregate(records, list(variants))
     results.mkdir(parents=True, exist_ok=True)
-    (results / TABLE).write_text(table(cells, labels, reference))
+    (results / TABLE).write_text(table(cells, labels, reference) + "\n" + compute_summary(records))
     for x_key, name in (("kl", PARETO_KL), ("perplexity", PARETO_PPL)):
         plot_pareto(cells, labels, reference, x_key, results / name)
     return cells

@@ -11,7 +11,7 @@ import studies.lm as study
 from agents.run_dir import CHECKPOINT, METRICS, POLICY, read_rows
 from lmgym.task import ContinuationTask
 from studies.lm_eval import evaluate_held_out
-from studies.lm_report import aggregate, mean_sem, table
+from studies.lm_report import aggregate, compute_summary, mean_sem, table
 
 
 @pytest.fixture
@@ -137,8 +137,21 @@ def test_aggregate_mean_and_standard_error_across_seeds():
     assert cell.sem["sentiment"] == pytest.approx(0.1 / np.sqrt(3))  # sample std 0.1
     assert cell.sem["kl"] == 0.0 and "train_reward" not in cell.mean
     assert mean_sem([0.5]) == (0.5, None)
-    assert "| k1 | 0.1 | 3 | +0.200 ± 0.058 | 1.000 ± 0.000 |" in table([cell], {}, None)
+    assert "| k1 | 0.1 | 3 | +0.200 ± 0.058 | 1.000 ± 0.000 | +0.100 ± 0.058 |" in table([cell], {}, None)
     assert cell.error("sentiment") == cell.sem["sentiment"]
     (single,) = aggregate([record(0, 0.1)], ["k1"])  # one seed: the error over prompts
     assert single.error("sentiment") == 0.04 and single.error("perplexity") == 0.0
-    assert "| k1 | 0.1 | 1 | +0.100 (± 0.040 prompts) | 1.000 (± 0.020 prompts) | 20.0 |" in table([single], {}, None)
+    assert "| k1 | 0.1 | 1 | +0.100 (± 0.040 prompts) | 1.000 (± 0.020 prompts) | +0.000 | 20.0 |" in table([single], {}, None)
+    assert cell.mean["objective"] == pytest.approx(0.2 - 0.1 * 1.0)
+
+
+def test_compute_summary_counts_time_machines_and_code_versions():
+    machine = {"cpu": "Xeon", "cpu_count": 2, "omp_num_threads": "1"}
+    records = [
+        {"train": {"wall_seconds": 1800.0}, "eval": {"seconds": 60.0}, "machine": machine, "git_commit": "a" * 40, "git_dirty": False},
+        {"train": {"wall_seconds": 1800.0}, "eval": {"seconds": 120.0}, "machine": machine, "git_commit": "b" * 40, "git_dirty": True},
+    ]
+    assert compute_summary(records) == (
+        "2 runs; training wall time 1.0 h summed over runs, held-out evaluation 3 min. "
+        "Machines: Xeon (2 cores, OMP_NUM_THREADS=1): 2 runs. Code: aaaaaaa: 1 run, bbbbbbb (dirty): 1 run.\n"
+    )
