@@ -5,6 +5,10 @@ run's held-out metric and its standard error across seeds, s / sqrt(n) with the 
 standard deviation. The table states n per cell. With a single seed there is no such error: the
 table and plots then show the run's standard error over the held-out prompts (sentiment and KL),
 which measures the evaluation noise only, not the training noise across seeds.
+
+A second table pairs each variant with the baseline variant (k1) at the same beta and seed: runs of
+one seed draw the same rollout prompts at every iteration and are evaluated on the same prompts
+with the same sampling seed, so the per-seed difference removes what the two runs share.
 """
 from __future__ import annotations
 
@@ -129,6 +133,30 @@ def table(cells: list[Cell], labels: Mapping[str, str], reference: Mapping[str, 
     return "\n".join(lines) + "\n"
 
 
+PAIRED: tuple[str, ...] = ("objective", "sentiment", "kl")
+
+
+def paired_table(records: list[Mapping[str, Any]], labels: Mapping[str, str], order: list[str], baseline: str) -> str:
+    """Mean ± standard error across seeds of (variant - baseline) at the same beta and seed, for
+    every variant and beta with at least one seed where both finished."""
+    by_key = {(r["variant"], float(r["beta"]), int(r["seed"])): run_metrics(r) for r in records}
+    head = ["variant", "beta", "n pairs"] + [f"Δ {METRICS[key][0]}" for key in PAIRED]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rank = {name: i for i, name in enumerate(order)}
+    cells = sorted({(v, b) for v, b, _ in by_key if v != baseline}, key=lambda vb: (rank.get(vb[0], len(rank)), vb[1]))
+    for variant, beta in cells:
+        seeds = sorted(s for v, b, s in by_key if (v, b) == (variant, beta) and (baseline, beta, s) in by_key)
+        if not seeds:
+            continue
+        row = [labels.get(variant, variant), f"{beta:g}", str(len(seeds))]
+        for key in PAIRED:
+            mean, sem = mean_sem([by_key[variant, beta, s][key] - by_key[baseline, beta, s][key] for s in seeds])
+            unsigned = METRICS[key][1].lstrip("+")
+            row.append(f"{mean:+{unsigned}}" + ("" if sem is None else f" ± {sem:{unsigned}}"))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def compute_summary(records: list[Mapping[str, Any]]) -> str:
     """One paragraph: runs, summed training and evaluation wall time, machines, code versions."""
     if not records:
@@ -202,7 +230,10 @@ def write_report(results: Path, variants: Mapping[str, Any]) -> list[Cell]:
     labels = {name: variant.label for name, variant in variants.items()}
     cells = aggregate(records, list(variants))
     results.mkdir(parents=True, exist_ok=True)
-    (results / TABLE).write_text(table(cells, labels, reference) + "\n" + compute_summary(records))
+    baseline = next(iter(variants))
+    paired = f"Paired against {labels.get(baseline, baseline)} at the same beta and seed (variant - baseline):\n\n"
+    paired += paired_table(records, labels, list(variants), baseline)
+    (results / TABLE).write_text("\n".join([table(cells, labels, reference), paired, compute_summary(records)]))
     for x_key, name in (("kl", PARETO_KL), ("perplexity", PARETO_PPL)):
         plot_pareto(cells, labels, reference, x_key, results / name)
     return cells

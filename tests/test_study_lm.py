@@ -11,7 +11,7 @@ import studies.lm as study
 from agents.run_dir import CHECKPOINT, METRICS, POLICY, read_rows
 from lmgym.task import ContinuationTask
 from studies.lm_eval import evaluate_held_out
-from studies.lm_report import aggregate, compute_summary, mean_sem, table
+from studies.lm_report import aggregate, compute_summary, mean_sem, paired_table, table
 
 
 @pytest.fixture
@@ -155,3 +155,15 @@ def test_compute_summary_counts_time_machines_and_code_versions():
         "2 runs; training wall time 1.0 h summed over runs, held-out evaluation 3 min. "
         "Machines: Xeon (2 cores, OMP_NUM_THREADS=1): 2 runs. Code: aaaaaaa: 1 run, bbbbbbb (dirty): 1 run.\n"
     )
+
+
+def test_paired_table_differences_against_the_baseline_at_the_same_beta_and_seed():
+    def record(variant: str, seed: int, sentiment: float, kl: float) -> dict:
+        return {"variant": variant, "beta": 0.1, "seed": seed,
+                "eval": {"sentiment": {"mean": sentiment}, "kl": {"mean": kl}, "perplexity": 20.0, "distinct_2": 0.9}}  # fmt: skip
+
+    records = [record("k1", 0, 0.2, 1.0), record("k1", 1, 0.4, 2.0), record("a", 0, 0.3, 1.0), record("a", 1, 0.6, 2.0),
+               record("a", 2, 0.9, 1.0)]  # fmt: skip
+    lines = paired_table(records, {}, ["k1", "a"], "k1").splitlines()
+    assert lines[2] == "| a | 0.1 | 2 | +0.150 ± 0.050 | +0.150 ± 0.050 | +0.000 ± 0.000 |"
+    assert len(lines) == 3  # the baseline gets no row, and seed 2 of "a" has no baseline to pair with
