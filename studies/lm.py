@@ -209,8 +209,9 @@ def train_metrics(out: Path) -> dict[str, Any]:
     }
 
 
-def provenance() -> dict[str, Any]:
-    """Git commit of the code that ran, and the machine."""
+def provenance(results: Path) -> dict[str, Any]:
+    """Git commit of the code that ran, whether tracked files other than the study's own results
+    (which every finished run rewrites) differ from it, and the machine."""
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
@@ -219,7 +220,7 @@ def provenance() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor())
     return {
         "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *_excluding(results))),
         "machine": {
             "cpu": cpu,
             "cpu_count": os.cpu_count(),
@@ -228,6 +229,14 @@ def provenance() -> dict[str, Any]:
             "torch": torch.__version__,
         },
     }
+
+
+def _excluding(path: Path) -> list[str]:
+    """The git pathspec that leaves out ``path``: none if it is the repository or lies outside it."""
+    resolved = path.resolve()
+    if resolved == REPO or REPO not in resolved.parents:
+        return []
+    return [f":(exclude){resolved.relative_to(REPO)}"]
 
 
 def _cpuinfo() -> list[str]:
@@ -287,7 +296,7 @@ def run_study(options: argparse.Namespace) -> int:
     if not reference.is_file():
         print(f"evaluating the reference policy on {len(prompts)} held-out prompts", flush=True)
         config = {"base": dataclasses.asdict(base)}
-        write_json(reference, {"run_id": "reference", **config, **provenance(), "eval": evaluate_run(options, base, prompts, None)})
+        write_json(reference, {"run_id": "reference", **config, **provenance(options.results), "eval": evaluate_run(options, base, prompts, None)})
     failed = 0
     for run in grid(options.variants, options.betas, options.seeds):
         result = runs_dir / f"{run.run_id}.json"
@@ -309,7 +318,7 @@ def run_study(options: argparse.Namespace) -> int:
             "beta": run.beta,
             "seed": run.seed,
             "config": dataclasses.asdict(args),
-            **provenance(),
+            **provenance(options.results),
             "train": train_metrics(out),
             "eval": evaluation,
         }
