@@ -167,3 +167,8 @@ def test_paired_table_differences_against_the_baseline_at_the_same_beta_and_seed
     lines = paired_table(records, {}, ["k1", "a"], "k1").splitlines()
     assert lines[2] == "| a | 0.1 | 2 | +0.150 ± 0.050 | +0.150 ± 0.050 | +0.000 ± 0.000 |"
     assert len(lines) == 3  # the baseline gets no row, and seed 2 of "a" has no baseline to pair with
+
+
+def test_git_dirty_leaves_out_only_a_results_folder_inside_the_repository(tmp_path):
+    assert study._excluding(study.REPO / "results" / "lm") == [":(exclude)results/lm"]
+    assert study._excluding(study.REPO) == [] and study._excluding(tmp_path) == []
