@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,21 +164,21 @@ def compute_summary(records: list[Mapping[str, Any]]) -> str:
         return "No runs yet.\n"
     train_hours = sum(float(r.get("train", {}).get("wall_seconds") or 0.0) for r in records) / 3600
     eval_minutes = sum(float(r["eval"].get("seconds") or 0.0) for r in records) / 60
-    machines: dict[str, int] = {}
-    commits: dict[str, int] = {}
-    for record in records:
-        machine = record.get("machine", {})
-        name = f"{machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} cores, OMP_NUM_THREADS={machine.get('omp_num_threads')})"
-        machines[name] = machines.get(name, 0) + 1
-        commit = str(record.get("git_commit", ""))[:7] + (" (dirty)" if record.get("git_dirty") else "")
-        commits[commit] = commits.get(commit, 0) + 1
 
-    def counted(items: dict[str, int]) -> str:
-        return ", ".join(f"{name}: {n} run{'s' * (n != 1)}" for name, n in items.items())
+    def machine(record: Mapping[str, Any]) -> str:
+        m = record.get("machine", {})
+        return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, OMP_NUM_THREADS={m.get('omp_num_threads')})"
+
+    def commit(record: Mapping[str, Any]) -> str:
+        return str(record.get("git_commit", ""))[:7] + (" (dirty)" if record.get("git_dirty") else "")
+
+    def counted(key: Callable[[Mapping[str, Any]], str]) -> str:
+        counts = Counter(map(key, records))  # in order of first appearance
+        return ", ".join(f"{name}: {n} run{'s' * (n != 1)}" for name, n in counts.items())
 
     return (
         f"{len(records)} runs; training wall time {train_hours:.1f} h summed over runs, held-out evaluation "
-        f"{eval_minutes:.0f} min. Machines: {counted(machines)}. Code: {counted(commits)}.\n"
+        f"{eval_minutes:.0f} min. Machines: {counted(machine)}. Code: {counted(commit)}.\n"
     )
 
 
