@@ -1,0 +1,37 @@
+"""Tables and examples in the docs are generated from code (tools/docs_blocks.py), so they cannot drift."""
+
+from __future__ import annotations
+
+import pytest
+
+from tools import docs_blocks
+
+
+def test_every_generated_block_in_the_docs_equals_its_source():
+    assert docs_blocks.stale() == []
+
+
+def test_the_estimator_table_and_the_drop_in_example_are_generated():
+    names = {source for path in docs_blocks.markdown_files() for source in docs_blocks.sources(path.read_text())}
+    assert {"kl_estimators.info:markdown_table", "examples/grpo_kl.py"} <= names
+
+
+def test_a_stale_block_is_rewritten_and_reported(tmp_path, monkeypatch):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    block = "<!-- generated: kl_estimators.info:markdown_table -->\nold\n<!-- end generated -->\n"
+    listing = "<!-- file: code.py -->\n```python\nx = 0\n```\n<!-- end file -->\n"
+    (tmp_path / "README.md").write_text("intro\n" + block + listing)
+    monkeypatch.setattr(docs_blocks, "ROOT", tmp_path)
+    assert docs_blocks.stale(tmp_path) == [tmp_path / "README.md"]
+    assert docs_blocks.main(["--check"]) == 1
+    assert docs_blocks.main([]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "\nold\n" not in text and "```python\nx = 1\n```" in text
+    assert docs_blocks.stale(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", ["<!-- generated: kl_estimators.info:no_such_function -->\n\n<!-- end generated -->"])
+def test_a_block_naming_a_missing_source_fails_loudly(bad):
+    with pytest.raises(AttributeError):
+        docs_blocks.render(bad)
