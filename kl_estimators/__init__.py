@@ -4,6 +4,8 @@ fine-tuning of LMs.
 Standalone: imports nothing but torch and the standard library.
 """
 
+__version__ = "0.1.0"  # the distribution lmgym-kl's version: pyproject.toml reads it from here
+
 from kl_estimators.controllers import AdaptiveKLController, FixedKLController
 from kl_estimators.gradients import ESTIMATORS, per_token_kl_loss, sequence_kl_loss
 from kl_estimators.info import ESTIMATOR_INFO, GRADIENT_QUANTITIES, EstimatorInfo

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from gymnasium import spaces
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmgym.assets import EMBEDDED_LM, load_causal_lm, load_config, load_tokenizer
 from lmgym.prompts import BUNDLED, load_prompts
@@ -48,7 +48,8 @@ class ContinuationTask:
         reward: ``"vader"``, a text-classification model id/path, or a callable
             ``list[str] -> np.ndarray``.
         positive_label: index of the positive class of a classifier reward.
-        dataset, split: prompt set (see ``lmgym.prompts.load_prompts``); ignored if ``prompts``.
+        dataset: prompt set (see ``lmgym.prompts.load_prompts``); ignored if ``prompts``.
+        split: ``"train"``, ``"test"`` or ``"heldout"`` part of ``dataset``; ignored if ``prompts``.
         prompts: explicit list of prompts.
         max_prompt_tokens: prompts are truncated from the left to this many tokens.
         max_new_tokens: an episode is truncated after this many generated tokens.
@@ -59,7 +60,7 @@ class ContinuationTask:
         self,
         model: str | PreTrainedModel = EMBEDDED_LM,
         ref_model: str | PreTrainedModel | None = None,
-        tokenizer=None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         reward: str | Callable[[list[str]], np.ndarray] = VADER,
         positive_label: int = 1,
         dataset: str = BUNDLED,

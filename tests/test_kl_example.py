@@ -1,4 +1,4 @@
-"""The README's drop-in example: a GRPO-style update in plain PyTorch with a kl_estimators KL term."""
+"""The drop-in example of docs/kl-estimators.md: a GRPO-style update in plain PyTorch with a kl_estimators KL term."""
 
 from __future__ import annotations
 
