@@ -62,9 +62,9 @@ case "$cmd" in
         [ -f "bench/$1.py" ] || { echo "./dev.sh bench: no benchmark bench/$1.py" >&2; exit 2; }
         setup; name="$1"; shift; exec "$VENV_PY" "bench/$name.py" "$@" ;;
     docs)
-        setup
-        if [ "${1:-}" = "--serve" ]; then shift; NO_MKDOCS_2_WARNING=1 exec "$VENV_PY" -m mkdocs serve --strict "$@"; fi
-        NO_MKDOCS_2_WARNING=1 exec "$VENV_PY" -m mkdocs build --strict "$@" ;;
+        setup; export NO_MKDOCS_2_WARNING=1  # silences Material's banner about MkDocs 2
+        if [ "${1:-}" = "--serve" ]; then shift; exec "$VENV_PY" -m mkdocs serve --strict "$@"; fi
+        exec "$VENV_PY" -m mkdocs build --strict "$@" ;;
     lock)  lock ;;
     *) usage ;;
 esac
