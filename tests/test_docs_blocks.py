@@ -35,3 +35,17 @@ def test_a_stale_block_is_rewritten_and_reported(tmp_path, monkeypatch):
 def test_a_block_naming_a_missing_source_fails_loudly(bad):
     with pytest.raises(AttributeError):
         docs_blocks.render(bad)
+
+
+def test_the_cli_reference_is_generated_from_the_parser_and_lists_every_flag():
+    """docs/ppokl.md's CLI table comes from agents.config.build_parser: one row per flag of Args."""
+    import dataclasses
+
+    from agents.config import Args
+    from tools.cli_reference import ppo_kl_flags
+
+    assert "tools.cli_reference:ppo_kl_flags" in set(docs_blocks.sources((docs_blocks.ROOT / "docs" / "ppokl.md").read_text()))
+    rows = [line for line in ppo_kl_flags().splitlines() if line.startswith("| `--")]
+    flags = [row.split("`")[1] for row in rows]
+    assert flags == ["--config"] + ["--" + f.name.replace("_", "-") for f in dataclasses.fields(Args)]
+    assert "| `--analytic-grad` / `--no-analytic-grad` | on/off |" in ppo_kl_flags()
