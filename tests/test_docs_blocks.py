@@ -49,3 +49,16 @@ def test_the_cli_reference_is_generated_from_the_parser_and_lists_every_flag():
     flags = [row.split("`")[1] for row in rows]
     assert flags == ["--config"] + ["--" + f.name.replace("_", "-") for f in dataclasses.fields(Args)]
     assert "| `--analytic-grad` / `--no-analytic-grad` | on/off |" in ppo_kl_flags()
+
+
+def test_the_readme_is_a_short_front_door_whose_links_all_resolve():
+    """README.md stays a front door (at most 200 lines; the reference is the docs site), and every
+    relative link or image in it names a file or folder of the repository."""
+    import re
+
+    text = (docs_blocks.ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    targets = re.findall(r"\]\(([^()\s]+)\)", text)
+    relative = [t.split("#")[0] for t in targets if not re.match(r"^[a-z]+:", t) and not t.startswith("#")]
+    assert "docs/getting-started.md" in relative and "results/lm/pareto_kl.png" in relative
+    assert [t for t in relative if not (docs_blocks.ROOT / t).exists()] == []

@@ -7,6 +7,7 @@ lives in one place, ``kl_estimators.__version__``; the changelog and the citatio
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,15 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"kl_estimators", "lmgym", "agents"}
 NOT_SHIPPED = {"tests", "results", "bench", "studies", "examples", "tools", "docs", "configs", "runs"}
 VERSION = kl_estimators.__version__
+BUILD_STATE = (".git", ".venv", "*.egg-info", "build", "dist", "site", "runs", "__pycache__", ".hypothesis", ".pytest_cache")
 
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> dict[str, Path]:
-    """The sdist, and the wheel built from it (as ``python -m build`` does), in a fresh folder."""
+    """The sdist, and the wheel built from it (as ``python -m build`` does), in a fresh folder. The
+    build runs on a copy of the checkout without its build state (an ``*.egg-info`` left by an
+    earlier build adds that build's files to the next sdist), as a fresh clone would build."""
     pytest.importorskip("build")
+    source = tmp_path_factory.mktemp("source") / "lmgym-kl"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*BUILD_STATE))
     out = tmp_path_factory.mktemp("dist")
     result = subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
