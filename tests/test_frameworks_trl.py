@@ -160,3 +160,12 @@ def test_drop_in_reproduces_trl(tiny_lm_path, tiny_tokenizer, tmp_path, estimato
     assert len(grads_ours) == len(grads_theirs) > 0
     for g_ours, g_theirs in zip(grads_ours, grads_theirs):
         torch.testing.assert_close(g_ours, g_theirs, rtol=0.0, atol=2e-5 * g_theirs.abs().max().item())
+
+
+def test_locked_trl_version():
+    """The installed TRL is the version the map describes (a lock to another version fails here)."""
+    import trl
+
+    from kl_estimators.frameworks import FRAMEWORK_VERSIONS
+
+    assert trl.__version__ == FRAMEWORK_VERSIONS["trl"]
