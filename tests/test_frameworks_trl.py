@@ -169,3 +169,49 @@ def test_locked_trl_version():
     from kl_estimators.frameworks import FRAMEWORK_VERSIONS
 
     assert trl.__version__ == FRAMEWORK_VERSIONS["trl"]
+
+
+@pytest.mark.parametrize("estimator", ("analytic-future-is", "reinforce-future-is", "k3+is"))
+def test_drop_in_term_is_the_estimator(tiny_lm_path, tiny_tokenizer, tmp_path, estimator):
+    """With zero advantages (TRL's policy term 0 in value and gradient), KLGRPOTrainer's loss =
+    beta x dapo-aggregate(per_token_kl_loss(estimator)) in value and gradient, with logits (for
+    analytic-*) computed here by a plain forward of each model: the hidden states the trainer keeps
+    from TRL's forwards give the same logits (float32: tolerance 1e-4)."""
+    ours = build(KLGRPOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path / "ours", kl_estimator=estimator)
+    perturb(ours.model)
+    inputs = batch(ours.model, ours.ref_model, torch.Generator().manual_seed(1))
+    inputs["advantages"] = torch.zeros_like(inputs["advantages"])
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        inputs["ref_hidden_states"] = ours.ref_model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -T - 1 : -1]
+        ref_logits = ours.ref_model(input_ids=ids, attention_mask=attention).logits[:, -T - 1 : -1].float()
+    logits = ours.model(input_ids=ids, attention_mask=attention).logits[:, -T - 1 : -1].float()
+    logps = logits.log_softmax(-1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    mask = inputs["completion_mask"].bool()
+    terms = kl.per_token_kl_loss(estimator, logps, inputs["ref_per_token_logps"], mask, logits, ref_logits,
+                                 behaviour_logprobs=inputs["old_per_token_logps"])
+    expected = ours.beta * (terms * mask).sum() / inputs["num_items_in_batch"]
+    loss_ours = ours._compute_loss(ours.model, inputs)
+    assert expected.abs() > 1e-3
+    torch.testing.assert_close(loss_ours, expected.to(loss_ours.dtype), rtol=1e-4, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(loss_ours, ours.model.lm_head.weight)
+    (g_expected,) = torch.autograd.grad(expected, ours.model.lm_head.weight)
+    torch.testing.assert_close(g_ours, g_expected, rtol=0.0, atol=1e-4 * g_expected.abs().max().item())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), (
+    (dict(kl_estimator="k9"), "kl_estimator must be one of"),
+    (dict(kl_estimator="reinforce-future-is", beta=0.0), "beta > 0"),
+    (dict(kl_estimator="analytic-future-is", loss_type="grpo"), "biases kl_estimator"),
+    (dict(kl_estimator="reinforce-future-is", loss_type="bnpo"), "biases kl_estimator"),
+))
+def test_drop_in_refuses(tiny_lm_path, tiny_tokenizer, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build(KLGRPOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path, **kwargs)
+
+
+def test_drop_in_allows_biased_estimators_with_any_loss_type(tiny_lm_path, tiny_tokenizer, tmp_path):
+    """k3-loss under loss_type='grpo' is TRL's own behaviour (reproduced above): allowed."""
+    assert build(KLGRPOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path, kl_estimator="k3-loss", loss_type="grpo").loss_type == "grpo"
