@@ -61,6 +61,11 @@ FRAMEWORK_OPTIONS: tuple[FrameworkOption, ...] = (
                     "a constant normaliser", f"{_TRL}::test_trl_k3_loss"),
     FrameworkOption("trl", "loss_type='luspo'", _GRPO, "(aggregation) sequence sums, batch mean",
                     "the sequence-level KL itself (multiplies the per-token mean by the length)", f"{_TRL}::test_trl_k3_loss"),
+    FrameworkOption("trl", "RLOOConfig beta > 0", "trl/trainer/rloo_trainer.py `_generate_and_score_completions`",
+                    "reinforce (on-policy)",
+                    "reward -= beta x sum_t (log pi_old - log pi_ref) at the rollout policy; with num_iterations > 1 the penalty is stale: "
+                    "E = grad KL(pi || pi_ref) - grad KL(pi || mu), see test_kl_expectations.py::test_stale_sequence_k1_reward_with_sequence_ratio",
+                    f"{_TRL}::test_trl_rloo_kl_lines"),
     FrameworkOption("verl", "actor.use_kl_loss=True, kl_loss_type='k1' / 'kl'", _VERL_KL, "k1-loss",
                     "no old log-probs: no importance weight at any PPO epoch", f"{_VO}::test_verl_kl_penalty"),
     FrameworkOption("verl", "kl_loss_type='abs'", _VERL_KL, "abs-loss", "", f"{_VO}::test_verl_kl_penalty"),
@@ -76,6 +81,15 @@ FRAMEWORK_OPTIONS: tuple[FrameworkOption, ...] = (
                     "token-mean divides by the batch's token count", f"{_VO}::test_verl_loss_agg_mode"),
     FrameworkOption("verl", "ppo_loss: the KL lines", "verl/workers/utils/losses.py `ppo_loss`", "(placement) kl_loss_coef x agg_loss(kl_penalty(log_prob, ref_log_prob))",
                     "where the drop-in replaces the term", f"{_VO}::test_verl_ppo_loss_kl_lines"),
+    FrameworkOption("verl", "algorithm.use_kl_in_reward=True, algorithm.kl_penalty='kl' / 'low_var_kl'", "verl/trainer/ppo/ray_trainer.py `apply_kl_penalty`",
+                    "reinforce-future / k3-reward (GAE with gamma = lambda = 1)",
+                    "k at the rollout policy (old_log_probs), fixed during the PPO epochs; estimator values as kl_penalty above",
+                    f"{_VO}::test_verl_kl_in_reward_lines"),
+    FrameworkOption("verl", "use_kl_in_reward=True and actor.use_kl_loss=True together", "verl/utils/config.py",
+                    "(placement) both terms", "allowed with a printed NOTICE: the KL is counted twice", f"{_VO}::test_verl_kl_in_reward_and_loss_both_allowed"),
+    FrameworkOption("verl", "algorithm.kl_ctrl.type='adaptive' (kl_coef, target_kl, horizon)", "verl/trainer/ppo/core_algos.py `AdaptiveKLController`",
+                    "(coefficient) AdaptiveKLController", "only for the in-reward KL; fed the batch mean of per-token-mean KL, not the sequence KL",
+                    f"{_VO}::test_adaptive_controllers"),
     FrameworkOption("openrlhf", "--algo.kl.use_loss, --algo.kl.estimator k1 / k2 / k3", _ORLHF_KL, "k1-loss / k2-loss / k3-loss",
                     "float32; value clamped to [-10, 10], k3's log-ratio to >= -10", f"{_VO}::test_openrlhf_kl_loss"),
     FrameworkOption("openrlhf", "--algo.kl.use_loss --algo.kl.unbiased_gradient", _ORLHF_KL,
@@ -90,6 +104,8 @@ FRAMEWORK_OPTIONS: tuple[FrameworkOption, ...] = (
                     f"{_VO}::test_openrlhf_loss_agg_mode"),
     FrameworkOption("openrlhf", "KL loss x kl_ctl (--algo.kl.init_coef, --algo.kl.target)", "openrlhf/trainer/ray/ppo_actor.py `training_step`",
                     "(coefficient) the adaptive controller's value scales the KL loss too", "", f"{_VO}::test_openrlhf_actor_kl_lines"),
+    FrameworkOption("openrlhf", "--algo.kl.target, --algo.kl.horizon", "openrlhf/trainer/ppo_utils/kl_controller.py `AdaptiveKLController`",
+                    "(coefficient) AdaptiveKLController", "", f"{_VO}::test_adaptive_controllers"),
 )
 
 

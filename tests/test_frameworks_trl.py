@@ -215,3 +215,19 @@ def test_drop_in_refuses(tiny_lm_path, tiny_tokenizer, tmp_path, kwargs, message
 def test_drop_in_allows_biased_estimators_with_any_loss_type(tiny_lm_path, tiny_tokenizer, tmp_path):
     """k3-loss under loss_type='grpo' is TRL's own behaviour (reproduced above): allowed."""
     assert build(KLGRPOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path, kl_estimator="k3-loss", loss_type="grpo").loss_type == "grpo"
+
+
+def test_trl_rloo_kl_lines():
+    """RLOOTrainer(beta > 0): reward -= beta x sum_t (old_logp - ref_logp), the sequence k1 of the
+    rollout policy, then a clipped sequence ratio in the loss: reinforce on-policy; stale (log mu
+    - log pi_ref) off-policy, whose bias tests/test_kl_expectations.py::test_stale_sequence_k1_reward_with_sequence_ratio proves."""
+    import inspect
+
+    from trl import RLOOTrainer
+
+    source = inspect.getsource(RLOOTrainer._generate_and_score_completions)
+    assert "per_token_kl = old_per_token_logps - ref_per_token_logps" in source
+    assert "kl = (per_token_kl * completion_mask).sum(-1)" in source
+    assert "rewards = rewards - self.beta * kl" in source
+    loss_source = inspect.getsource(RLOOTrainer._compute_loss)
+    assert "log_ratio = logps - old_logps" in loss_source and "coef_1 = torch.exp(log_ratio)" in loss_source

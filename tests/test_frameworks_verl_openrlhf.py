@@ -196,3 +196,39 @@ def test_openrlhf_actor_kl_lines():
     source = installed_file("openrlhf/trainer/ray/ppo_actor.py").read_text()
     assert "kl_loss = aggregate_loss(kl, experience.action_mask, **loss_batch_info)" in source
     assert "loss = actor_loss + kl_loss * kl_ctl" in source
+
+
+# -- KL in the reward, double counting, controllers -----------------------------------------------------
+
+
+def test_verl_kl_in_reward_lines():
+    """algorithm.use_kl_in_reward: ``apply_kl_penalty`` subtracts beta x kl_penalty(old_log_probs,
+    ref_log_prob) from each token's reward (k at the rollout policy, fixed during the PPO epochs) and
+    updates the controller with the batch mean of the per-token-mean KL."""
+    source = installed_file("verl/trainer/ppo/ray_trainer.py").read_text()
+    assert 'data.batch["old_log_probs"], data.batch["ref_log_prob"], kl_penalty=kl_penalty' in source
+    assert "token_level_rewards = token_level_scores - beta * kld" in source
+    assert "current_kl = masked_mean(kld, mask=response_mask, axis=-1)" in source
+
+
+def test_verl_kl_in_reward_and_loss_both_allowed():
+    """use_kl_in_reward and use_kl_loss can both be on: verl only prints a notice (KL counted twice)."""
+    source = installed_file("verl/utils/config.py").read_text()
+    assert 'if config.algorithm.get("use_kl_in_reward", False) and config.actor_rollout_ref.actor.use_kl_loss:\n' \
+           '        print("NOTICE: You have both enabled in-reward kl and kl loss.")' in source
+
+
+@pytest.mark.parametrize(("relative", "current"), (
+    ("verl/trainer/ppo/core_algos.py", "current_kl"), ("openrlhf/trainer/ppo_utils/kl_controller.py", "current")))
+def test_adaptive_controllers(relative, current):
+    """verl's algorithm.kl_ctrl (type=adaptive) and OpenRLHF's --algo.kl.target: the same proportional
+    controller as ``kl_estimators.AdaptiveKLController`` (equal coefficients over random updates)."""
+    import numpy as np
+
+    theirs = load(relative, ("AdaptiveKLController",), {"np": np})["AdaptiveKLController"](0.1, 6.0, 1000)
+    ours = kl.AdaptiveKLController(0.1, 6.0, 1000)
+    g = torch.Generator().manual_seed(0)
+    for observed, n in zip((12 * torch.rand(20, generator=g)).tolist(), torch.randint(1, 300, (20,), generator=g).tolist()):
+        theirs.update(**{current: observed, "n_steps": n})
+        ours.update(observed, n)
+        assert theirs.value == pytest.approx(ours.value, rel=1e-12)
