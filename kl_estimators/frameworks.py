@@ -49,7 +49,7 @@ FRAMEWORK_OPTIONS: tuple[FrameworkOption, ...] = (
                     f"{_TRL}::test_trl_bias_correction_token"),
     FrameworkOption("trl", "beta > 0, use_bias_correction_kl=True, importance_sampling_level='sequence'", _GRPO,
                     "none: k3_t x exp(mean_t log rho_t) (GSPO's weight, differentiable)",
-                    "not the sequence ratio W_T: no unbiasedness statement; gspo_token uses the same coef_1",
+                    "not the sequence ratio W_T: no unbiasedness statement",
                     f"{_TRL}::test_trl_bias_correction_sequence"),
     FrameworkOption("trl", "loss_type='dapo' (default), 'cispo', 'vespo'", _GRPO, "(aggregation) token sum / tokens in the generation batch",
                     "a constant normaliser: the estimator's guarantee holds (scaled)", f"{_TRL}::test_trl_k3_loss"),
@@ -61,6 +61,9 @@ FRAMEWORK_OPTIONS: tuple[FrameworkOption, ...] = (
                     "a constant normaliser", f"{_TRL}::test_trl_k3_loss"),
     FrameworkOption("trl", "loss_type='luspo'", _GRPO, "(aggregation) sequence sums, batch mean",
                     "the sequence-level KL itself (multiplies the per-token mean by the length)", f"{_TRL}::test_trl_k3_loss"),
+    FrameworkOption("trl", "experimental GMPOTrainer, beta > 0", "trl/experimental/gmpo/gmpo_trainer.py `_compute_loss`",
+                    "k3-loss (each sequence / its own length, batch mean)", "use_bias_correction_kl is ignored",
+                    f"{_TRL}::test_trl_gmpo_kl"),
     FrameworkOption("trl", "RLOOConfig beta > 0", "trl/trainer/rloo_trainer.py `_generate_and_score_completions`",
                     "reinforce (on-policy)",
                     "reward -= beta x sum_t (log pi_old - log pi_ref) at the rollout policy; with num_iterations > 1 the penalty is stale: "

@@ -231,3 +231,24 @@ def test_trl_rloo_kl_lines():
     assert "rewards = rewards - self.beta * kl" in source
     loss_source = inspect.getsource(RLOOTrainer._compute_loss)
     assert "log_ratio = logps - old_logps" in loss_source and "coef_1 = torch.exp(log_ratio)" in loss_source
+
+
+def test_trl_gmpo_kl(grpo):
+    """Experimental GMPOTrainer (beta > 0): k3 averaged over each sequence's tokens, then over the
+    batch (k3-loss with 1/length weights); use_bias_correction_kl is ignored."""
+    from trl.experimental.gmpo import GMPOTrainer
+
+    logps, inputs = _random_inputs(seed=6)
+    grpo._get_per_token_logps_and_entropies = lambda *a, **k: (logps, torch.zeros_like(logps), None)
+    try:
+        theirs = GMPOTrainer._compute_loss(grpo, grpo.model, inputs)
+    finally:
+        del grpo._get_per_token_logps_and_entropies
+    assert grpo.args.use_bias_correction_kl
+    mask = inputs["completion_mask"].bool()
+    ours = grpo.beta * _aggregate(kl.per_token_kl_loss("k3-loss", logps, inputs["ref_per_token_logps"], mask),
+                                  inputs["completion_mask"], "grpo", inputs, None, None)
+    (g_theirs,) = torch.autograd.grad(theirs, logps)
+    (g_ours,) = torch.autograd.grad(ours, logps)
+    torch.testing.assert_close(theirs.double(), ours, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_theirs, g_ours, rtol=1e-10, atol=1e-12)
