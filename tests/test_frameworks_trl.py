@@ -141,13 +141,14 @@ def _loss_and_grads(trainer, inputs):
 
 
 @pytest.mark.parametrize(("estimator", "bias_correction"), (("k3-loss", False), ("k3-ratio", True)))
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_drop_in_reproduces_trl(tiny_lm_path, tiny_tokenizer, tmp_path, estimator, bias_correction, loss_type):
+@pytest.mark.parametrize(("loss_type", "accumulation"), [(loss_type, 1) for loss_type in LOSS_TYPES] + [("dapo", 2), ("grpo", 2)])
+def test_drop_in_reproduces_trl(tiny_lm_path, tiny_tokenizer, tmp_path, estimator, bias_correction, loss_type, accumulation):
     """(a) KLGRPOTrainer("k3-loss") = GRPOTrainer(use_bias_correction_kl=False) and ("k3-ratio") =
     GRPOTrainer(use_bias_correction_kl=True): same loss and parameter gradients on the tiny model
+    (also with 2 gradient-accumulation steps, which enter TRL's normalisers)
     (TRL's fused head computes in float32: the two sum the same terms in different orders, measured
     differences ~1e-6 of the largest gradient entry; tolerance 2e-5 of it), off-policy inputs (old != current), every loss_type."""
-    settings = dict(loss_type=loss_type, use_bias_correction_kl=bias_correction)
+    settings = dict(loss_type=loss_type, use_bias_correction_kl=bias_correction, gradient_accumulation_steps=accumulation)
     theirs = build(GRPOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path / "trl", **settings)
     ours = build(KLGRPOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path / "ours", kl_estimator=estimator, **settings)
     perturb(theirs.model)
