@@ -61,6 +61,8 @@ FRAMEWORK_OPTIONS: tuple[FrameworkOption, ...] = (
                     "a constant normaliser", f"{_TRL}::test_trl_k3_loss"),
     FrameworkOption("trl", "loss_type='luspo'", _GRPO, "(aggregation) sequence sums, batch mean",
                     "the sequence-level KL itself (multiplies the per-token mean by the length)", f"{_TRL}::test_trl_k3_loss"),
+    FrameworkOption("trl", "PPOTrainer, PPOConfig.kl_estimator", "absent from the 1.16.0 wheel (moved to trl/experimental/ppo by TRL PR #4482, old path deleted in #5051)",
+                    "none", "no PPO with k1/k3 in the reward in this TRL", f"{_TRL}::test_trl_has_no_ppo_trainer"),
     FrameworkOption("trl", "experimental GMPOTrainer, beta > 0", "trl/experimental/gmpo/gmpo_trainer.py `_compute_loss`",
                     "k3-loss (each sequence / its own length, batch mean)", "use_bias_correction_kl is ignored",
                     f"{_TRL}::test_trl_gmpo_kl"),

@@ -253,3 +253,18 @@ def test_trl_gmpo_kl(grpo):
     (g_ours,) = torch.autograd.grad(ours, logps)
     torch.testing.assert_close(theirs.double(), ours, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_theirs, g_ours, rtol=1e-10, atol=1e-12)
+
+
+def test_trl_has_no_ppo_trainer():
+    """trl 1.16.0 from the package index has no PPO trainer (neither trl/trainer/ppo_trainer.py nor
+    trl/experimental/ppo) and no kl_estimator option: k1/k3-in-the-reward PPO is not available in TRL."""
+    import dataclasses
+    import importlib.util
+
+    import trl
+    from trl import GRPOConfig
+
+    assert importlib.util.find_spec("trl.experimental.ppo") is None
+    assert importlib.util.find_spec("trl.trainer.ppo_trainer") is None
+    assert not hasattr(trl, "PPOTrainer")
+    assert "kl_estimator" not in {field.name for field in dataclasses.fields(GRPOConfig)}
