@@ -3,7 +3,8 @@
 Only what text generation changes is overridden: ``collect_rollouts`` (batched sampling with the
 policy's KV cache, one episode per env, reference logits from the env) and ``train`` (a PPO
 update over whole sequences with the KL terms of ``kl_estimators``); ``save`` and ``load`` keep
-SB3's signatures but use the pickle-free format of ``agents.checkpoint``. ``learn``,
+SB3's signatures but use the pickle-free format of ``agents.checkpoint`` (via
+``agents.training_state``). ``learn``,
 ``predict``, callbacks and the logger are SB3's own.
 
 KL handling (beta = ``kl_coef``):
@@ -37,10 +38,10 @@ import kl_estimators
 from agents import distributed
 from agents.advantages import KL_REWARDS
 from agents.buffer import SequenceBatch, SequenceRolloutBuffer
-from agents.checkpoint import load_ppokl, save_ppokl
 from agents.policy import CausalLMPolicy
 from agents.reference import check_ref_logits_mode, with_reference_logits
 from agents.sampling import sample_episodes, trim_left_padding
+from agents.training_state import check_finite, load_ppokl, save_ppokl
 from agents.vec_env import LMGymVecEnv
 
 KL_LOSSES = ("k1-loss", "k2-loss", "k3-loss")
@@ -384,6 +385,7 @@ class PPOKL(PPO):
             self._n_updates += 1
             if not continue_training:
                 break
+        check_finite(self, f"after the update of iteration {self.n_iterations + 1}")
         self.n_iterations += 1
         mask = buffer.mask
         self.logger.record("train/explained_variance", distributed.explained_variance(buffer.values[mask], buffer.returns[mask]))
