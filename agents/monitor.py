@@ -78,6 +78,10 @@ class TrainingMonitor(BaseCallback):
 
     def _on_training_end(self) -> None:
         self._finish_iteration()
+        self.close()
+
+    def close(self) -> None:
+        """End the progress bar's line (also when training stops on an error)."""
         if self.bar is not None:
             self.bar.close()
 

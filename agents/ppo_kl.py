@@ -136,6 +136,13 @@ def check_resumable(args: Args, out: Path) -> CheckpointMeta:
                 f"--resume: the run's settings ({out / ARGS} and the flags) differ from those in {path}: "
                 f"{'; '.join(differing)}; restore {ARGS} or start a new --out"
             )
+    counters = meta.counters
+    if counters.num_timesteps != counters.n_iterations * args.n_envs * args.max_new_tokens:
+        raise ValueError(
+            f"--resume: {path}: fields 'counters.num_timesteps' {counters.num_timesteps} and 'counters.n_iterations' "
+            f"{counters.n_iterations} disagree (each iteration is --n-envs x --max-new-tokens = "
+            f"{args.n_envs * args.max_new_tokens} timesteps)"
+        )
     expected = json.loads(json.dumps(ppokl_settings(args)))
     for name, value in expected.items():
         if name in meta.settings and meta.settings[name] != value:
@@ -228,12 +235,16 @@ def _train_locked(args: Args, out: Path, resume: bool, env: LMGymVecEnv, eval_en
         model.set_logger(Logger(folder=None, output_formats=[]))
         callback = distributed.IterationLimit(args.iters)
     remaining = max(args.iters - model.n_iterations, 0)
-    if remaining:
-        model.learn(
-            total_timesteps=remaining * env.num_envs * model.n_steps,
-            callback=callback,
-            reset_num_timesteps=not resume,
-        )
+    try:
+        if remaining:
+            model.learn(
+                total_timesteps=remaining * env.num_envs * model.n_steps,
+                callback=callback,
+                reset_num_timesteps=not resume,
+            )
+    finally:
+        if isinstance(callback, TrainingMonitor):
+            callback.close()
     if distributed.is_main() and model.n_iterations >= args.iters:
         finish(model, args, out, env.venv.task.tokenizer, eval_env)
     return model

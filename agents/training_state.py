@@ -222,8 +222,9 @@ def load_ppokl(cls: type[PPO], path: str | Path, env: Any, device: torch.device 
         model.policy.load_state_dict(_named(tensors, meta.aliases, "policy.", path), strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit the policy built from its settings: {' '.join(str(error).split())}") from None
+    optimizer_state = _optimizer_state(model, meta, tensors, path)
     try:
-        model.policy.optimizer.load_state_dict(_optimizer_state(model, meta, tensors, path))
+        model.policy.optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: field 'optimizer' does not fit the optimizer ({' '.join(str(error).split())})") from None
     for name, value in asdict(meta.counters).items():
