@@ -105,6 +105,10 @@ CONFIGS = {
         ("--target-kl -1", "--target-kl"),
         ("empty csv dataset", "dataset"),
         ("reward is a causal LM", "reward"),
+        ("--kl-coef inf", "--kl-coef"),
+        ("--learning-rate inf", "--learning-rate"),
+        ("numeric text column", "'text' column"),
+        ("context overflow", "context window"),
     ],
 )
 def test_bad_input_one_line_error_exit_2_and_out_untouched(case, named, tiny_lm_path, tmp_path, capsys):
@@ -129,6 +133,11 @@ def test_bad_input_one_line_error_exit_2_and_out_untouched(case, named, tiny_lm_
         flags += ["--dataset", str(tmp_path / "empty.csv")]
     elif case == "reward is a causal LM":
         flags += ["--reward", tiny_lm_path]
+    elif case == "numeric text column":
+        (tmp_path / "numbers.csv").write_text("text\n1\n2\n3\n")
+        flags += ["--dataset", str(tmp_path / "numbers.csv")]
+    elif case == "context overflow":  # the tiny model has 256 positions
+        flags += ["--max-prompt-tokens", "250", "--max-new-tokens", "10"]
     else:
         flags += case.split()
     code, err = run_main(flags, capsys)
