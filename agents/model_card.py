@@ -82,7 +82,7 @@ def model_card(args: Any, metrics: list[dict[str, str]], n_iterations: int, num_
     """The card's Markdown for a run with arguments ``args`` (``agents.config.Args``), its metrics.csv
     rows ``metrics``, exported after ``n_iterations`` iterations; ``command`` gives the run's
     settings as flags (``agents.config.command_line``)."""
-    settings = dataclasses.asdict(args)
+    settings = {key: value for key, value in dataclasses.asdict(args).items() if key != "resume"}
     base, licence = _base_model(args.model)
     estimator = kl_estimator(args.kl_reward, args.analytic_grad, args.kl_loss)
     front = {
