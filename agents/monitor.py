@@ -94,7 +94,8 @@ class TrainingMonitor(BaseCallback):
         logged = self.model.logger.name_to_value
         stats = {**logged, **self.model.rollout_stats}
         seconds = time.perf_counter() - self._iteration_start
-        row: dict[str, object] = {"iteration": iteration, "timesteps": self.model.num_timesteps}
+        # every rank counts the same num_timesteps: the global count is W times it
+        row: dict[str, object] = {"iteration": iteration, "timesteps": self.model.num_timesteps * distributed.world_size()}
         row.update({key: stats[key] for key in LOGGED if key in stats})
         row["time/iteration_seconds"] = seconds
         n_episodes = self.model.n_envs * distributed.world_size()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import shlex
 import sys
 from pathlib import Path
@@ -266,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(_interrupted(Path(args.out)), file=sys.stderr)
         return 130
+    except pickle.UnpicklingError:
+        print(
+            f"error: a pickled weight file (*.bin) of --model {args.model} or --reward {args.reward} holds more than "
+            "tensors; unpickling it could run code, so torch.load(weights_only=True) refused it: use safetensors weights",
+            file=sys.stderr,
+        )
+        return 2
     except (OSError, ValueError, FloatingPointError, AssetUnavailableError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -108,7 +108,6 @@ def test_ten_random_kills_each_resumed_end_as_the_uninterrupted_run(tiny_lm_path
     first; the tenth is killed only at the export, which every start reaches after the last
     iteration. Then one more --resume: metrics.csv and every file of policy/ equal those of the
     uninterrupted run (the model card up to the run's own path)."""
-    iters = 3
     reference = tmp_path / "reference"
     start = time.monotonic()
     run(tiny_lm_path, reference)
