@@ -126,8 +126,10 @@ def test_ten_random_kills_each_resumed_end_as_the_uninterrupted_run(tiny_lm_path
     files = sorted(p.name for p in (reference / "policy").iterdir())
     assert sorted(p.name for p in (out / "policy").iterdir()) == files
     for name in files:
-        expected = (reference / "policy" / name).read_bytes().replace(str(reference).encode(), b"OUT").replace(b"reference", b"OUT")
-        got = (out / "policy" / name).read_bytes().replace(str(out).encode(), b"OUT").replace(b"killed", b"OUT")
+        expected, got = (reference / "policy" / name).read_bytes(), (out / "policy" / name).read_bytes()
+        if name == "README.md":  # the model card names the run's folder and the code version (commits may land meanwhile)
+            expected = expected.split(b"## Code version")[0].replace(b"reference", b"OUT")
+            got = got.split(b"## Code version")[0].replace(b"killed", b"OUT")
         assert got == expected, name
     assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
