@@ -47,27 +47,33 @@ def kl_estimator(kl_reward: str, analytic_grad: bool, kl_loss: str | None) -> st
     return " + ".join(parts)
 
 
+def _git(*args: str) -> str:
+    """The output of a git command in the package's checkout ("" if that is not a git checkout)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def code_version() -> str:
     """``lmgym-kl <version>`` and, in a git checkout, ``git <commit>`` (``-dirty`` if tracked files changed)."""
     try:
         version = f"{PACKAGE} {importlib.metadata.version(PACKAGE)}"
     except importlib.metadata.PackageNotFoundError:
         version = f"{PACKAGE} (not installed)"
-    try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40", "--match", "NO-TAGS"],
-            cwd=REPO, capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
         return version
-    return f"{version}, git {done.stdout.strip()}" if done.returncode == 0 and done.stdout.strip() else version
+    dirty = "-dirty" if _git("status", "--porcelain", "--untracked-files=no") else ""
+    return f"{version}, git {commit}{dirty}"
 
 
 def _base_model(model: str) -> tuple[str | None, str]:
     """The Hub id of the base model (None for a local folder) and the licence to declare."""
     if model == EMBEDDED_LM:
         return EMBEDDED_BASE
-    if Path(model).exists() or model.count("/") != 1:
+    if Path(model).exists():
         return None, "other"
     return model, "other"
 

@@ -205,3 +205,24 @@ def test_export_has_a_hub_model_card_and_still_loads(finished_run, tiny_lm_path)
     assert exported.config.vocab_size > 0
     generator = pipeline("text-generation", model=str(folder))
     assert generator("this movie was", max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith("this movie was")
+
+
+@pytest.mark.parametrize(
+    "model, base, licence",
+    [("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"), ("gpt2", "gpt2", "other"), (".", None, "other")],
+)
+def test_model_card_front_matter_names_the_hub_base_model(model, base, licence, tmp_path):
+    """The embedded model is SmolLM2-135M-Instruct (Apache-2.0); a Hub id is its own base; a local
+    folder has no Hub base model to name."""
+    import yaml
+
+    from agents.config import Args
+    from agents.model_card import exported_at, model_card
+
+    card = model_card(Args(model=model, kl_reward="analytic", analytic_grad=True), [], 4, 40, ["--iters", "4"])
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front.get("base_model") == base and front["license"] == licence and front["library_name"] == "transformers"
+    assert front["ppokl"] == {"iterations": 4, "timesteps": 40, "kl_estimator": "analytic-future"}
+    assert "python -m agents.ppo_kl --iters 4" in card
+    (tmp_path / "README.md").write_text(card)
+    assert exported_at(tmp_path) == front["ppokl"]  # what --resume reads to tell a current export
