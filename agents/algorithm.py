@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,22 @@ class PPOKL(PPO):
                 "load the exported Hugging Face folder with AutoModelForCausalLM.from_pretrained"
             )
         return load_ppokl(cls, path, env, device, **kwargs)
+
+    def dump_logs(self, iteration: int = 0) -> None:
+        """SB3's log dump; under torchrun ``rollout/ep_rew_mean`` and ``rollout/ep_len_mean`` are means
+        over every rank's episode window (all windows are equally long), not rank 0's alone."""
+        if distributed.world_size() == 1 or not self.ep_info_buffer:
+            super().dump_logs(iteration)
+            return
+        local = self.ep_info_buffer
+        means = distributed.global_rollout_stats(
+            {"r": float(np.mean([e["r"] for e in local])), "l": float(np.mean([e["l"] for e in local]))}
+        )
+        self.ep_info_buffer = deque([means], maxlen=local.maxlen)
+        try:
+            super().dump_logs(iteration)
+        finally:
+            self.ep_info_buffer = local
 
     def _update_learning_rate(self, optimizers: list[torch.optim.Optimizer] | torch.optim.Optimizer) -> None:
         """SB3's schedule for the LM; the value head keeps its constant ``vf_learning_rate``."""
