@@ -3,7 +3,8 @@
 Only what text generation changes is overridden: ``collect_rollouts`` (batched sampling with the
 policy's KV cache, one episode per env, reference logits from the env) and ``train`` (a PPO
 update over whole sequences with the KL terms of ``kl_estimators``); ``save`` and ``load`` keep
-SB3's signatures but use the pickle-free format of ``agents.checkpoint``. ``learn``,
+SB3's signatures but use the pickle-free format of ``agents.checkpoint`` (via
+``agents.training_state``). ``learn``,
 ``predict``, callbacks and the logger are SB3's own.
 
 KL handling (beta = ``kl_coef``):
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,10 @@ import kl_estimators
 from agents import distributed
 from agents.advantages import KL_REWARDS
 from agents.buffer import SequenceBatch, SequenceRolloutBuffer
-from agents.checkpoint import load_ppokl, save_ppokl
 from agents.policy import CausalLMPolicy
 from agents.reference import check_ref_logits_mode, with_reference_logits
 from agents.sampling import sample_episodes, trim_left_padding
+from agents.training_state import check_finite, load_ppokl, save_ppokl
 from agents.vec_env import LMGymVecEnv
 
 KL_LOSSES = ("k1-loss", "k2-loss", "k3-loss")
@@ -211,6 +213,22 @@ class PPOKL(PPO):
                 "load the exported Hugging Face folder with AutoModelForCausalLM.from_pretrained"
             )
         return load_ppokl(cls, path, env, device, **kwargs)
+
+    def dump_logs(self, iteration: int = 0) -> None:
+        """SB3's log dump; under torchrun ``rollout/ep_rew_mean`` and ``rollout/ep_len_mean`` are means
+        over every rank's episode window (all windows are equally long), not rank 0's alone."""
+        if distributed.world_size() == 1 or not self.ep_info_buffer:
+            super().dump_logs(iteration)
+            return
+        local = self.ep_info_buffer
+        means = distributed.global_rollout_stats(
+            {"r": float(np.mean([e["r"] for e in local])), "l": float(np.mean([e["l"] for e in local]))}
+        )
+        self.ep_info_buffer = deque([means], maxlen=local.maxlen)
+        try:
+            super().dump_logs(iteration)
+        finally:
+            self.ep_info_buffer = local
 
     def _update_learning_rate(self, optimizers: list[torch.optim.Optimizer] | torch.optim.Optimizer) -> None:
         """SB3's schedule for the LM; the value head keeps its constant ``vf_learning_rate``."""
@@ -384,6 +402,7 @@ class PPOKL(PPO):
             self._n_updates += 1
             if not continue_training:
                 break
+        check_finite(self, f"after the update of iteration {self.n_iterations + 1}")
         self.n_iterations += 1
         mask = buffer.mask
         self.logger.record("train/explained_variance", distributed.explained_variance(buffer.values[mask], buffer.returns[mask]))

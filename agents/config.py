@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 from agents.advantages import KL_REWARDS
 from agents.algorithm import KL_LOSSES, check_kl_options
+from agents.checkpoint import CheckpointError, read_meta
 from agents.device import DTYPES, device_error
 from agents.reference import REF_LOGITS_MODES
 
@@ -113,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _typed(name: str, value: Any, hint: Any) -> Any:
-    """A YAML value as the field's type (YAML reads 1e-5 as a string: numbers in strings are parsed)."""
+def _typed(name: str, value: Any, hint: Any, source: str = "--config") -> Any:
+    """A YAML or JSON value as the field's type (YAML reads 1e-5 as a string: numbers in strings are
+    parsed); errors name ``source``."""
     kind = _base_type(hint)
     if value is None and kind is not hint:
         return None
@@ -131,7 +134,7 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
     if kind is str and isinstance(value, str):
         return value
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
-    raise _config_error(f"{name} must be {expected}, got {value!r}")
+    raise ValueError(f"{source}: {name} must be {expected}, got {value!r}")
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -152,13 +155,41 @@ def load_config(path: Path) -> dict[str, Any]:
     return {name: _typed(name, value, hints[name]) for name, value in config.items()}
 
 
+def _saved_args(out: Path) -> tuple[dict[str, Any], str] | None:
+    """The arguments of the run in ``out`` and where they come from: its args.json, or the copy in
+    its checkpoint if args.json is gone; every value typed like its field. None if neither exists."""
+    hints = get_type_hints(Args)
+    saved_path, checkpoint = out / "args.json", out / "checkpoint.safetensors"
+    if saved_path.is_file():
+        source = str(saved_path)
+        try:
+            saved = json.loads(saved_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{saved_path} is not valid JSON ({error})") from None
+    elif checkpoint.is_file():
+        source = f"{checkpoint} (args.json is missing)"
+        try:
+            saved = read_meta(checkpoint).run
+        except CheckpointError:
+            return None  # reported when the checkpoint is loaded
+        if saved is None:
+            raise ValueError(f"--resume: {saved_path} is missing and {checkpoint} holds no copy of the run's arguments")
+    else:
+        return None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{source} must hold a JSON object of the run's arguments, not a {type(saved).__name__}")
+    unknown = sorted(set(saved) - set(hints))
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}")
+    return {key: _typed(key, value, hints[key], source) for key, value in saved.items()}, source
+
+
 def _resumed(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` layered over the args.json of the run in --out; a contradiction is an error."""
-    saved_path = Path(values.get("out", Args.out)) / "args.json"
-    if not saved_path.is_file():
+    """``values`` layered over the saved arguments of the run in --out; a contradiction is an error."""
+    found = _saved_args(Path(values.get("out", Args.out)))
+    if found is None:
         return values  # nothing to resume yet: the run restarts (see agents.ppo_kl)
-    known = {f.name for f in dataclasses.fields(Args)}
-    saved = {key: value for key, value in json.loads(saved_path.read_text()).items() if key in known}
+    saved, source = found
     conflicts = [
         f"{_flag(key)} {values[key]!r} (the run has {saved[key]!r})"
         for key in values
@@ -166,10 +197,35 @@ def _resumed(values: dict[str, Any]) -> dict[str, Any]:
     ]
     if conflicts:
         raise ValueError(
-            f"--resume: {', '.join(conflicts)} contradict {saved_path}; a resumed run keeps its settings "
+            f"--resume: {', '.join(conflicts)} contradict {source}; a resumed run keeps its settings "
             f"(only {', '.join(map(_flag, RESUMABLE_CHANGES))} may change): drop them or start a new --out"
         )
     return {**saved, **values}
+
+
+def differing_settings(args: Args, run: dict[str, Any]) -> list[str]:
+    """The fields (other than ``RESUMABLE_CHANGES``) where ``args`` and a checkpoint's copy of the
+    run's arguments ``run`` differ, as ``name: args value vs checkpoint value``."""
+    current = dataclasses.asdict(args)
+    return [
+        f"{name} {current.get(name)!r} vs {run.get(name)!r}"
+        for name in sorted(set(current) | set(run))
+        if name not in RESUMABLE_CHANGES and current.get(name) != run.get(name)
+    ]
+
+
+def command_line(args: Args) -> list[str]:
+    """The flags that reproduce ``args`` (those that differ from the defaults; never --resume)."""
+    flags: list[str] = []
+    for f in dataclasses.fields(Args):
+        value = getattr(args, f.name)
+        if f.name == "resume" or value == f.default:
+            continue
+        if isinstance(value, bool):
+            flags.append(_flag(f.name) if value else f"--no-{f.name.replace('_', '-')}")
+        else:
+            flags += [_flag(f.name), str(value)]
+    return flags
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -208,6 +264,10 @@ def validate(args: Args) -> list[str]:
     for name in ("learning_rate", "vf_learning_rate", "clip_range", "max_grad_norm"):
         if not getattr(args, name) > 0:
             errors.append(f"{_flag(name)} must be > 0, got {getattr(args, name)}")
+    for f in dataclasses.fields(Args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{_flag(f.name)} must be a finite number, got {value}")
     for name in ("gamma", "gae_lambda"):
         if not 0 <= getattr(args, name) <= 1:
             errors.append(f"{_flag(name)} must be in [0, 1], got {getattr(args, name)}")

@@ -1,5 +1,5 @@
-"""The CLI's SB3 callback: progress bar, metrics.csv, periodic evaluation, checkpoints, curves,
-and the trained policy as a Hugging Face folder at the end."""
+"""The CLI's SB3 callback: progress bar, metrics.csv, periodic evaluation, checkpoints and curves
+(the finish steps after the last iteration are ``agents.finish``)."""
 from __future__ import annotations
 
 import time
@@ -9,7 +9,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
 from agents import distributed
-from agents.run_dir import METRICS, export_policy, read_rows, save_checkpoint, write_rows
+from agents.run_dir import CURVES, METRICS, read_rows, save_checkpoint, write_rows
 from agents.evaluation import evaluate
 from agents.plots import plot_curves
 from agents.vec_env import LMGymVecEnv
@@ -34,7 +34,7 @@ LOGGED = (
 
 class TrainingMonitor(BaseCallback):
     """After each PPO iteration (rollout + update): log a metrics row, evaluate and checkpoint on
-    schedule, stop after ``iters`` iterations; then export the policy with ``tokenizer``.
+    schedule (with the run's arguments ``run``), stop after ``iters`` iterations.
 
     The checkpoint is written after the iteration's evaluation, at the start of the next rollout,
     so the RNG state it holds is the one the next iteration starts from."""
@@ -46,8 +46,8 @@ class TrainingMonitor(BaseCallback):
         eval_env: LMGymVecEnv | None,
         eval_every: int,
         save_every: int,
-        tokenizer,
         n_samples: int = 3,
+        run: dict[str, object] | None = None,
     ):
         super().__init__()
         self.out = out
@@ -55,8 +55,8 @@ class TrainingMonitor(BaseCallback):
         self.eval_env = eval_env
         self.eval_every = eval_every
         self.save_every = save_every
-        self.tokenizer = tokenizer
         self.n_samples = n_samples
+        self.run = run
         self.rows = read_rows(out / METRICS)
         self._seen_iterations = 0
         self._iteration_start = time.perf_counter()
@@ -78,8 +78,10 @@ class TrainingMonitor(BaseCallback):
 
     def _on_training_end(self) -> None:
         self._finish_iteration()
-        if self.model.n_iterations >= self.iters:
-            export_policy(self.model, self.tokenizer, self.out)
+        self.close()
+
+    def close(self) -> None:
+        """End the progress bar's line (also when training stops on an error)."""
         if self.bar is not None:
             self.bar.close()
 
@@ -92,7 +94,8 @@ class TrainingMonitor(BaseCallback):
         logged = self.model.logger.name_to_value
         stats = {**logged, **self.model.rollout_stats}
         seconds = time.perf_counter() - self._iteration_start
-        row: dict[str, object] = {"iteration": iteration, "timesteps": self.model.num_timesteps}
+        # every rank counts the same num_timesteps: the global count is W times it
+        row: dict[str, object] = {"iteration": iteration, "timesteps": self.model.num_timesteps * distributed.world_size()}
         row.update({key: stats[key] for key in LOGGED if key in stats})
         row["time/iteration_seconds"] = seconds
         n_episodes = self.model.n_envs * distributed.world_size()
@@ -105,8 +108,8 @@ class TrainingMonitor(BaseCallback):
             if key.startswith("eval/"):
                 self.model.logger.record(key, value)
         if iteration % self.save_every == 0 or iteration >= self.iters:
-            save_checkpoint(self.model, self.out)
-        plot_curves(self.rows, self.out / "curves.png", title=str(self.out))
+            save_checkpoint(self.model, self.out, self.run)
+        plot_curves(self.rows, self.out / CURVES, title=str(self.out))
         self._report(row)
 
     def _evaluate(self) -> dict[str, float]:

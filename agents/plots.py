@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from agents.run_dir import atomic_write  # noqa: E402
+
 PANELS = (
     ("rollout/task_reward", "task reward (sentiment)"),
     ("rollout/kl_analytic", "KL(pi || pi_ref) per sequence"),
@@ -27,7 +29,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def plot_curves(rows: list[dict[str, object]], path: Path, title: str = "") -> None:
-    """One panel per metric against the iteration; missing values are skipped."""
+    """One panel per metric against the iteration; missing values are skipped. Written atomically."""
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (key, label) in zip(axes.flat, PANELS):
         points = [(int(row["iteration"]), float(row[key])) for row in rows if row.get(key) not in (None, "")]
@@ -43,5 +45,5 @@ def plot_curves(rows: list[dict[str, object]], path: Path, title: str = "") -> N
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)

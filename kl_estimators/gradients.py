@@ -75,8 +75,9 @@ class _Batch:
         return analytic(self.logits, self.ref_logits, mask=self.mask, chunk_size=self.chunk_size)
 
     def prefix_weight(self, inclusive: bool) -> torch.Tensor:
-        """Constant W_t (``inclusive``) or W_{t-1}, clipped."""
-        return weight(prefix_log_ratios(self.log_rho, inclusive), self.weight_clip, differentiable=False)
+        """Constant W_t (``inclusive``) or W_{t-1}, clipped; 0 where masked (so that an overflowed
+        weight after the end of a sequence does not turn its zero terms into NaN)."""
+        return torch.where(self.mask, weight(prefix_log_ratios(self.log_rho, inclusive), self.weight_clip, differentiable=False), 0.0)
 
     def on_policy(self) -> _Batch:
         """The same batch with mu = sg(pi): every importance weight is 1."""
@@ -224,12 +225,13 @@ def sequence_kl_loss(
     weight_clip: WeightClip = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Batch mean over B of the per-sequence sums of ``per_token_kl_loss`` (same arguments).
+    """Batch mean over B of the per-sequence sums of ``per_token_kl_loss`` (same arguments); 0 for
+    an empty batch (B = 0).
 
     Its gradient's expectation over y ~ mu (mu = pi when ``behaviour_logprobs`` is None) is what
     ``ESTIMATOR_INFO[estimator]`` states; its value is the batch mean of a KL estimate.
     """
-    return per_token_kl_loss(
+    per_sequence = per_token_kl_loss(
         estimator,
         logprobs,
         ref_logprobs,
@@ -240,4 +242,5 @@ def sequence_kl_loss(
         importance=importance,
         weight_clip=weight_clip,
         chunk_size=chunk_size,
-    ).sum(-1).mean()
+    ).sum(-1)
+    return per_sequence.mean() if per_sequence.numel() else per_sequence.sum()

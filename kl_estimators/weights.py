@@ -11,11 +11,17 @@ is 1 in value while a differentiable weight still carries the score, grad W_t = 
 Clipping (``weight_clip``) applies to the weight's value: a float c gives min(w, c) (truncated IS,
 as in TIS); a pair (lo, hi) gives clamp(w, lo, hi). A differentiable weight keeps the gradient
 clip(w) * grad log w (the truncated-IS convention, not PPO's zero gradient outside the range).
+
+Clipping is applied before exponentiating (exp(min(log w, log c + 1)), then min(., c): the same
+value, with no overflow), so clipped weights are finite for any log-ratio. An unclipped weight
+overflows float32 once log w > 88.7 (float64: 709.8); it is then inf and a ``RuntimeWarning``
+says so: pass ``weight_clip``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -59,9 +65,17 @@ def prefix_log_ratios(log_rho: torch.Tensor, inclusive: bool) -> torch.Tensor:
 
 def weight(log_w: torch.Tensor, weight_clip: WeightClip, differentiable: bool) -> torch.Tensor:
     """exp(log_w) clipped; if ``differentiable``, with gradient clip(w) * grad log_w, else constant."""
-    value = log_w.detach().exp()
-    if isinstance(weight_clip, tuple):
-        value = value.clamp(weight_clip[0], weight_clip[1])
-    elif weight_clip is not None:
-        value = value.clamp(max=weight_clip)
+    log_w_value = log_w.detach()
+    if weight_clip is None:
+        value = log_w_value.exp()
+        if bool(torch.isinf(value).any()) and bool(torch.isfinite(log_w_value).all()):
+            warnings.warn(
+                f"unclipped importance weights overflow {value.dtype} (a log-ratio reaches "
+                f"{float(log_w_value.max()):.4g}): they are inf; pass weight_clip to truncate them",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    else:
+        low, high = weight_clip if isinstance(weight_clip, tuple) else (0.0, weight_clip)
+        value = log_w_value.clamp(max=math.log(high) + 1).exp().clamp(low, high)
     return value * torch.exp(log_w - log_w.detach()) if differentiable else value

@@ -62,7 +62,11 @@ def _read_text_column(builder: str, data_files: str | None, split: str, spec: st
             ) from None
     if "text" not in data.column_names:
         raise ValueError(f"dataset {spec!r} has no 'text' column (columns: {data.column_names})")
-    return list(data["text"])
+    rows = list(data["text"])
+    wrong = next((row for row in rows if row is not None and not isinstance(row, str)), None)
+    if wrong is not None:
+        raise ValueError(f"dataset {spec!r}: the 'text' column must hold strings, got {wrong!r} ({type(wrong).__name__})")
+    return rows
 
 
 def _bundled_lines(name: str) -> list[str]:

@@ -70,6 +70,27 @@ def test_yaml_config_is_overridden_by_flags(tmp_path):
     assert (args.kl_coef, args.kl_reward, args.iters, args.learning_rate) == (0.05, "analytic", 3, 1e-5)
 
 
+class _Payload:
+    """Unpickling this creates the file ``path`` (a harmless stand-in for arbitrary code)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _bin_only_model_with_payload(model: str, tmp_path: Path) -> str:
+    """A copy of ``model`` whose weights are a pytorch_model.bin pickle carrying ``_Payload``."""
+    import shutil
+
+    folder = tmp_path / "bin_model"
+    shutil.copytree(model, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"payload": _Payload(tmp_path / "pwned")}, folder / "pytorch_model.bin")
+    return str(folder)
+
+
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
     try:
         code = main(argv)
@@ -105,6 +126,11 @@ CONFIGS = {
         ("--target-kl -1", "--target-kl"),
         ("empty csv dataset", "dataset"),
         ("reward is a causal LM", "reward"),
+        ("--kl-coef inf", "--kl-coef"),
+        ("--learning-rate inf", "--learning-rate"),
+        ("numeric text column", "'text' column"),
+        ("context overflow", "context window"),
+        ("pickled .bin model", "pickled weight file"),
     ],
 )
 def test_bad_input_one_line_error_exit_2_and_out_untouched(case, named, tiny_lm_path, tmp_path, capsys):
@@ -129,11 +155,19 @@ def test_bad_input_one_line_error_exit_2_and_out_untouched(case, named, tiny_lm_
         flags += ["--dataset", str(tmp_path / "empty.csv")]
     elif case == "reward is a causal LM":
         flags += ["--reward", tiny_lm_path]
+    elif case == "numeric text column":
+        (tmp_path / "numbers.csv").write_text("text\n1\n2\n3\n")
+        flags += ["--dataset", str(tmp_path / "numbers.csv")]
+    elif case == "pickled .bin model":
+        flags += ["--model", _bin_only_model_with_payload(tiny_lm_path, tmp_path)]
+    elif case == "context overflow":  # the tiny model has 256 positions
+        flags += ["--max-prompt-tokens", "250", "--max-new-tokens", "10"]
     else:
         flags += case.split()
     code, err = run_main(flags, capsys)
     assert code == 2
     assert "Traceback" not in err
+    assert not (tmp_path / "pwned").exists()
     last = err.strip().splitlines()[-1]
     assert "error" in last and named in last, err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

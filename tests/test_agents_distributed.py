@@ -3,6 +3,7 @@ parameters exactly as one process does on the union of both ranks' 2n episodes; 
 launch of the CLI trains, writes from rank 0 only, and resumes."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -146,6 +147,11 @@ def test_torchrun_cli_trains_on_two_ranks_writes_from_rank_0_and_resumes(tiny_lm
     assert (first.stdout + first.stderr).count("iter   1") == 1  # rank 0 alone reports
     assert (first.stdout + first.stderr).count("eval: sentiment") == 2  # and evaluates (iterations 0 and 1, the last)
     assert [row.split(",")[0] for row in (out / "metrics.csv").read_text().splitlines()[1:]] == ["0", "1"]
+    # SB3's ep_rew_mean (the episodes' task rewards) is over both ranks, like metrics.csv's task reward
+    with (out / "metrics.csv").open() as f:
+        task_reward = float(list(csv.DictReader(f))[1]["rollout/task_reward"])
+    with (out / "sb3_logs" / "progress.csv").open() as f:
+        assert float(next(csv.DictReader(f))["rollout/ep_rew_mean"]) == pytest.approx(task_reward, abs=1e-6)
 
     resumed = subprocess.run(
         command + tiny_run_flags(tiny_lm_path, out, 2) + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True
@@ -156,4 +162,4 @@ def test_torchrun_cli_trains_on_two_ranks_writes_from_rank_0_and_resumes(tiny_lm
     rows = [row.split(",") for row in (out / "metrics.csv").read_text().splitlines()]
     assert [row[0] for row in rows[1:]] == ["0", "1", "2"]
     timesteps = [int(row[1]) for row in rows[1:]]
-    assert timesteps[2] > timesteps[1] > 0  # the resumed run continued the count
+    assert timesteps == [0, 12, 24]  # global: 2 ranks x 2 envs x 3 tokens per iteration, continued on resume

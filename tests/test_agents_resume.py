@@ -3,10 +3,14 @@ with ``--resume`` writes the same metrics.csv (timing columns aside) as an unint
 from __future__ import annotations
 
 import csv
+import math
 import os
+import random
+import selectors
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.test_agents_cli import REPO, tiny_run_flags
@@ -68,3 +72,85 @@ def test_killed_and_resumed_runs_match_the_uninterrupted_run(tiny_lm_path, tmp_p
     assert metrics(out) == expected
     progress = (out / "sb3_logs" / "progress.csv").read_text().splitlines()
     assert len(progress) == 1 + ITERS  # rows of iterations lost to a kill are replaced, not repeated
+
+
+def _run_until(command: list[str], deadline: float, marker: str) -> str:
+    """Run ``command``; SIGKILL it after ``deadline`` seconds or as soon as a stdout line starts
+    with ``marker``, whichever comes first. Returns how it ended."""
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    end = time.monotonic() + deadline
+    how = "finished"
+    while True:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            how = "killed at a random time"
+            break
+        if selector.select(timeout=None if math.isinf(remaining) else remaining):
+            line = process.stdout.readline()
+            if not line:
+                break
+            if line.lstrip().startswith(marker):
+                how = f"killed at {marker!r}"
+                break
+    if how != "finished":
+        process.send_signal(signal.SIGKILL)
+    process.stdout.close()
+    code = process.wait()
+    assert code == (-signal.SIGKILL if how != "finished" else 0) or (how != "finished" and code == 0), (how, code)
+    return how
+
+
+def test_ten_random_kills_each_resumed_end_as_the_uninterrupted_run(tiny_lm_path, tmp_path):
+    """Ten starts in a row on one --out, each SIGKILLed at a random time (uniform over the length of
+    an uninterrupted run, start-up included) or as soon as it begins the export, whichever comes
+    first; the tenth is killed only at the export, which every start reaches after the last
+    iteration. Then one more --resume: metrics.csv and every file of policy/ equal those of the
+    uninterrupted run (the model card up to the run's own path)."""
+    reference = tmp_path / "reference"
+    start = time.monotonic()
+    run(tiny_lm_path, reference)
+    length = time.monotonic() - start
+    out = tmp_path / "killed"
+    rng = random.Random(17)
+    endings = []
+    for attempt in range(10):
+        resume = ["--resume"] if any((out / name).exists() for name in ("checkpoint.safetensors", "metrics.csv", "args.json")) else []
+        deadline = rng.uniform(0, length) if attempt < 9 else math.inf
+        command = COMMAND + tiny_run_flags(tiny_lm_path, out, ITERS) + resume
+        endings.append(_run_until(command, deadline, "finish: exporting"))
+    assert endings[-1] == "killed at 'finish: exporting'", endings
+    run(tiny_lm_path, out, "--resume")
+    assert metrics(out) == metrics(reference), endings
+    files = sorted(p.name for p in (reference / "policy").iterdir())
+    assert sorted(p.name for p in (out / "policy").iterdir()) == files
+    for name in files:
+        expected, got = (reference / "policy" / name).read_bytes(), (out / "policy" / name).read_bytes()
+        if name == "README.md":  # the model card names the run's folder and the code version (commits may land meanwhile)
+            expected = expected.split(b"## Code version")[0].replace(b"reference", b"OUT")
+            got = got.split(b"## Code version")[0].replace(b"killed", b"OUT")
+        assert got == expected, name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+
+
+def test_two_runs_on_one_out_exactly_one_runs_and_the_other_names_the_lock(tiny_lm_path, tmp_path):
+    """A long run holds --out; a second start, and a --resume, beside it exit 2 naming its pid
+    (the long run is then killed: it would take minutes)."""
+    out = tmp_path / "run"
+    long_run = COMMAND + tiny_run_flags(tiny_lm_path, out, 10_000)
+    first = subprocess.Popen(long_run, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stdout:
+            if line.lstrip().startswith("iter   1"):
+                break
+        for extra in ([], ["--resume"]):
+            second = subprocess.run(long_run + extra, cwd=REPO, env=ENV, capture_output=True, text=True)
+            assert second.returncode == 2, second.stderr[-2000:]
+            last = second.stderr.strip().splitlines()[-1]
+            assert f"pid {first.pid}" in last and "lock" in last, last
+        assert first.poll() is None  # still running, undisturbed
+    finally:
+        first.kill()
+        first.stdout.close()
+        first.wait()
