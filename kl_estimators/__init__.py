@@ -5,6 +5,7 @@ Standalone: imports nothing but torch and the standard library.
 """
 
 from kl_estimators.controllers import AdaptiveKLController, FixedKLController
+from kl_estimators.fused import FusedKL, LinearLogits, fused_kl
 from kl_estimators.gradients import ESTIMATORS, per_token_kl_loss, sequence_kl_loss
 from kl_estimators.info import ESTIMATOR_INFO, GRADIENT_QUANTITIES, EstimatorInfo
 from kl_estimators.values import analytic, k1, k2, k3
@@ -16,7 +17,10 @@ __all__ = [
     "AdaptiveKLController",
     "EstimatorInfo",
     "FixedKLController",
+    "FusedKL",
+    "LinearLogits",
     "analytic",
+    "fused_kl",
     "k1",
     "k2",
     "k3",
