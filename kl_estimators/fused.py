@@ -85,96 +85,138 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     dtype = torch.promote_types(upcast(hidden).dtype, upcast(weight).dtype)
     z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
-        z = z + bias.to(dtype)
-    return z / temperature if temperature != 1 else z
+        z += bias.to(dtype)
+    return z.div_(temperature) if temperature != 1 else z
 
 
-def _row_terms(
-    logp: torch.Tensor, logq: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """p, KL, entropy and the mask of rows with finite KL, from [n, V] log-probs (logq None: KL 0)."""
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise sum_v a_v b_v of [n, V] tensors, without an [n, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+class _Layer(NamedTuple):
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    temperature: float
+
+    def log_probs(self, hidden: torch.Tensor, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log-softmax [n, V] of the rows' logits and their log-normaliser [n] (given: not recomputed)."""
+        z = _logits(hidden, self.weight, self.bias, self.temperature)
+        if lse is None:
+            lse = torch.logsumexp(z, -1)
+        return z.sub_(lse.unsqueeze(-1)), lse
+
+
+def _forward_terms(logp: torch.Tensor, logq: torch.Tensor | None, finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL [n] (0 without ``logq``; +inf where p > 0 = q) and entropy [n]; overwrites ``logq``.
+
+    ``finite``: every logit is finite, so no 0 log 0 or p > 0 = q case needs masking."""
     p = logp.exp()
+    if finite:
+        entropy = -_dot(p, logp)
+        kl = torch.zeros_like(entropy) if logq is None else _dot(p, logq.neg_().add_(logp))
+        return kl, entropy
     in_p = ~torch.isneginf(logp)
-    entropy = -torch.where(in_p, p * logp, 0.0).sum(-1)
+    entropy = -_dot(p, torch.where(in_p, logp, 0.0))
     if logq is None:
-        kl = torch.zeros_like(entropy)
-        return p, kl, entropy, torch.ones_like(entropy, dtype=torch.bool)
+        return torch.zeros_like(entropy), entropy
     outside_q = in_p & torch.isneginf(logq)
     both = in_p & ~outside_q
-    finite_kl = (p * torch.where(both, logp - logq, 0.0)).sum(-1)
-    infinite = outside_q.any(-1)
-    return p, torch.where(infinite, torch.inf, finite_kl), entropy, ~infinite
+    kl = _dot(p, torch.where(both, logp - logq, 0.0))
+    return torch.where(outside_q.any(-1), torch.inf, kl), entropy
 
 
-def _row_log_probs(
-    hidden: torch.Tensor, layer: tuple[torch.Tensor, torch.Tensor | None, float] | None
-) -> torch.Tensor | None:
-    if layer is None:
-        return None
-    weight, bias, temperature = layer
-    return _logits(hidden, weight, bias, temperature).log_softmax(-1)
+def _logit_gradient(
+    logp: torch.Tensor,
+    logq: torch.Tensor | None,
+    tokens: torch.Tensor,
+    kl: torch.Tensor,
+    entropy: torch.Tensor,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    finite: bool,
+) -> torch.Tensor:
+    """dz [n, V] = g_KL p (log p - log q - KL) + g_logp (onehot(y) - p) - g_H p (log p + H);
+    rows with KL = +inf get no KL gradient. Overwrites ``logp``."""
+    g_kl, g_logp, g_entropy = (None if g is None else g.unsqueeze(-1) for g in grads)
+    zero = torch.zeros_like(kl).unsqueeze(-1)
+    if logq is None or g_kl is None:
+        g_kl = zero
+    kl_ok = torch.isfinite(kl).unsqueeze(-1)
+    g_kl = torch.where(kl_ok, g_kl, 0.0)
+    g_logp = zero if g_logp is None else g_logp
+    g_entropy = zero if g_entropy is None else g_entropy
+    # p (a log p - g_KL log q - c) with a = g_KL - g_H, c = g_KL KL + g_logp + g_H H
+    c = g_kl * torch.where(kl_ok, kl.unsqueeze(-1), 0.0) + g_logp + g_entropy * entropy.unsqueeze(-1)
+    p = logp.exp()
+    if finite:
+        dz = logp.mul_(g_kl - g_entropy)
+        if logq is not None:
+            dz.addcmul_(logq, g_kl, value=-1)
+        dz.sub_(c).mul_(p)
+    else:
+        in_p = ~torch.isneginf(logp)
+        safe_logq = 0.0 if logq is None else torch.where(in_p & ~torch.isneginf(logq), logq, 0.0)
+        dz = torch.where(in_p, p * ((g_kl - g_entropy) * logp - g_kl * safe_logq - c), 0.0)
+    return dz.scatter_add_(-1, tokens.unsqueeze(-1), g_logp.expand(-1, 1).contiguous())
+
+
+def _is_finite(*biases: torch.Tensor | None) -> bool:
+    return all(b is None or bool(torch.isfinite(b).all()) for b in biases)
 
 
 class _FusedKLRows(torch.autograd.Function):
-    """Chunked (KL, logp, ref_logp, entropy) over n rows of hidden states; recomputes in backward."""
+    """Chunked (KL, logp, ref_logp, entropy) over n rows of hidden states; recomputes in backward.
+
+    Forward saves the inputs and four numbers per row (both log-normalisers, KL, entropy); backward
+    recomputes each chunk's logits and forms dz with them (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, h_p, w_p, b_p, h_q, w_q, b_q, tokens, tau_p, tau_q, chunk):  # noqa: D102 (autograd protocol)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(h_p, w_p, b_p, h_q, w_q, b_q, tokens)
-        ctx.tau_p, ctx.tau_q, ctx.chunk = tau_p, tau_q, chunk
-        has_ref = h_q is not None
+        policy, reference = _Layer(w_p, b_p, tau_p), None if h_q is None else _Layer(w_q, b_q, tau_q)
+        finite = _is_finite(b_p, b_q)
         n = h_p.shape[0]
         dtype = torch.promote_types(upcast(h_p).dtype, upcast(w_p).dtype)
-        kl, logp_y, logq_y, entropy = (h_p.new_zeros(n, dtype=dtype) for _ in range(4))
+        kl, logp_y, logq_y, entropy, lse_p, lse_q = (h_p.new_zeros(n, dtype=dtype) for _ in range(6))
         for rows in _chunks(n, chunk):
-            logp = _row_log_probs(h_p[rows], (w_p, b_p, tau_p))
-            logq = _row_log_probs(h_q[rows], (w_q, b_q, tau_q)) if has_ref else None
-            _, kl[rows], entropy[rows], _ = _row_terms(logp, logq)
             y = tokens[rows].unsqueeze(-1)
+            logp, lse_p[rows] = policy.log_probs(h_p[rows])
             logp_y[rows] = logp.gather(-1, y).squeeze(-1)
-            if has_ref:
+            logq = None
+            if reference is not None:
+                logq, lse_q[rows] = reference.log_probs(h_q[rows])
                 logq_y[rows] = logq.gather(-1, y).squeeze(-1).to(dtype)
+            kl[rows], entropy[rows] = _forward_terms(logp, logq, finite)
+        ctx.save_for_backward(h_p, w_p, b_p, h_q, w_q, b_q, tokens, lse_p, lse_q, kl, entropy)
+        ctx.tau_p, ctx.tau_q, ctx.chunk, ctx.finite = tau_p, tau_q, chunk, finite
         ctx.mark_non_differentiable(logq_y)
         return kl, logp_y, logq_y, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_kl, g_logp, _g_logq, g_entropy):  # noqa: D102 (autograd protocol)
-        h_p, w_p, b_p, h_q, w_q, b_q, tokens = ctx.saved_tensors
-        tau_p, has_ref = ctx.tau_p, h_q is not None
+        h_p, w_p, b_p, h_q, w_q, b_q, tokens, lse_p, lse_q, kl, entropy = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         if g_kl is None and g_logp is None and g_entropy is None:
             return (None,) * 10
-        dtype = torch.promote_types(upcast(h_p).dtype, upcast(w_p).dtype)
+        policy, reference = _Layer(w_p, b_p, ctx.tau_p), None if h_q is None else _Layer(w_q, b_q, ctx.tau_q)
+        dtype = kl.dtype
         grad_h = torch.zeros_like(h_p) if want_h else None
-        grad_w = w_p.new_zeros(w_p.shape, dtype=dtype) if want_w else None
-        grad_b = w_p.new_zeros(w_p.shape[0], dtype=dtype) if want_b else None
+        grad_w = grad_b = None
         for rows in _chunks(h_p.shape[0], ctx.chunk):
-            logp = _row_log_probs(h_p[rows], (w_p, b_p, tau_p))
-            logq = _row_log_probs(h_q[rows], (w_q, b_q, ctx.tau_q)) if has_ref else None
-            p, kl, entropy, finite = _row_terms(logp, logq)
-            dz = torch.zeros_like(logp)
-            in_p = ~torch.isneginf(logp)
-            if g_kl is not None and has_ref:
-                both = in_p & ~torch.isneginf(logq)
-                g = torch.where(finite, g_kl[rows], 0.0).unsqueeze(-1)
-                centred = logp - logq - torch.where(finite, kl, 0.0).unsqueeze(-1)
-                dz += torch.where(both, p * centred, 0.0) * g
-            if g_logp is not None:
-                g = g_logp[rows].unsqueeze(-1)
-                dz -= p * g
-                dz.scatter_add_(-1, tokens[rows].unsqueeze(-1), g)
-            if g_entropy is not None:
-                dz -= torch.where(in_p, p * (logp + entropy.unsqueeze(-1)), 0.0) * g_entropy[rows].unsqueeze(-1)
-            if tau_p != 1:
-                dz /= tau_p
+            logp, _ = policy.log_probs(h_p[rows], lse_p[rows])
+            logq = None if reference is None or g_kl is None else reference.log_probs(h_q[rows], lse_q[rows])[0]
+            grads = tuple(None if g is None else g[rows] for g in (g_kl, g_logp, g_entropy))
+            dz = _logit_gradient(logp, logq, tokens[rows], kl[rows], entropy[rows], grads, ctx.finite)
+            if ctx.tau_p != 1:
+                dz.div_(ctx.tau_p)
             if want_h:
-                grad_h[rows] = (dz @ w_p.to(dz.dtype)).to(h_p.dtype)
-            if want_w:
-                grad_w.addmm_(dz.T, h_p[rows].to(dz.dtype))
-            if grad_b is not None:
-                grad_b += dz.sum(0)
+                grad_h[rows] = (dz @ w_p.to(dtype)).to(h_p.dtype)
+            if want_w:  # the first chunk's product initialises the sum (no [V, d] zero fill)
+                h = h_p[rows].to(dtype)
+                grad_w = dz.T @ h if grad_w is None else grad_w.addmm_(dz.T, h)
+            if want_b:
+                grad_b = dz.sum(0) if grad_b is None else grad_b.add_(dz.sum(0))
         grad_w = None if grad_w is None else grad_w.to(w_p.dtype)
         grad_b = None if grad_b is None else grad_b.to(b_p.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None

@@ -235,3 +235,11 @@ def test_bad_fused_inputs_are_rejected():
             "analytic", torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool),
             logits=policy, ref_logits=policy, kl=torch.zeros(2, 3),
         )
+
+
+def test_fully_masked_batch_gives_zeros_and_no_gradient():
+    hp, wp, bp, hq, wq, bq, tokens, _ = make_case(5, 2, 3, 12, 4)
+    out = fused_kl(LinearLogits(hp, wp, bp), LinearLogits(hq, wq, bq), tokens, torch.zeros(2, 3, dtype=torch.bool))
+    assert all((x == 0).all() for x in out)
+    grads = torch.autograd.grad(out.kl.sum() + out.logprobs.sum(), (hp, wp, bp), allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in grads)
