@@ -217,6 +217,10 @@ class _FusedKLRows(torch.autograd.Function):
                 grad_w = dz.T @ h if grad_w is None else grad_w.addmm_(dz.T, h)
             if want_b:
                 grad_b = dz.sum(0) if grad_b is None else grad_b.add_(dz.sum(0))
+        if want_w and grad_w is None:  # no rows: every position was masked
+            grad_w = torch.zeros_like(w_p)
+        if want_b and grad_b is None:
+            grad_b = torch.zeros_like(b_p)
         grad_w = None if grad_w is None else grad_w.to(w_p.dtype)
         grad_b = None if grad_b is None else grad_b.to(b_p.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
