@@ -15,7 +15,8 @@ per minibatch and c rows per chunk of ``kl_estimators.fused_kl`` (float32, 4 byt
   less for SmolLM2, 170x for Qwen2.5-0.5B), from one reference forward over the finished rollout.
   The update's policy forward stops at the hidden states and ``kl_estimators.fused_kl`` computes
   KL_t, log pi(y_t) and the entropy from both models' hidden states and output layers, about
-  ``8 x c x V x 4`` bytes at a time: no ``[b, T, V]`` tensor exists in the update either.
+  ``4 x c x V x 4`` bytes at a time (``bench/bench_fused.py`` measured 2.9 such blocks): no
+  ``[b, T, V]`` tensor exists in the update either.
 
 In ``store`` and ``recompute`` the update also holds the policy's ``[b, T, V]`` logits and their
 log-softmax, probabilities and gradient (about ``4 x b x T x V x 4`` bytes, autograd's saved
@@ -94,5 +95,23 @@ def memory_bytes(mode: str, n: int, t: int, vocab: int, hidden_size: int, b: int
     update) and ``update`` (the largest vocabulary-sized tensors of one minibatch's loss)."""
     check_ref_logits_mode(mode)
     buffer = {"store": n * t * vocab, "recompute": 0, "hidden": n * t * hidden_size}[mode]
-    update = {"store": 4 * b * t * vocab, "recompute": 5 * b * t * vocab, "hidden": 8 * chunk * vocab}[mode]
+    update = {"store": 4 * b * t * vocab, "recompute": 5 * b * t * vocab, "hidden": 4 * chunk * vocab}[mode]
     return {"buffer": 4 * buffer, "update": 4 * update}
+
+
+MEMORY_SETTINGS = {
+    "SmolLM2-135M demo (N 24, T 16, b 8)": dict(n=24, t=16, vocab=49_152, hidden_size=576, b=8, chunk=64),
+    "SmolLM2-135M, RL4LMs IMDB (N 10, T 48, b 1)": dict(n=10, t=48, vocab=49_152, hidden_size=576, b=1, chunk=64),
+    "Qwen2.5-0.5B, long (N 64, T 1,024, b 4)": dict(n=64, t=1024, vocab=151_936, hidden_size=896, b=4, chunk=64),
+}
+
+
+def memory_table() -> str:
+    """The docs' table of ``memory_bytes`` for every mode at ``MEMORY_SETTINGS`` (chunk 64 rows,
+    PPOKL's default ``kl_chunk_size``)."""
+    rows = ["| setting | ref_logits | buffer (MiB) | update, vocabulary-wide (MiB) |", "|---|---|---:|---:|"]
+    for name, sizes in MEMORY_SETTINGS.items():
+        for mode in REF_LOGITS_MODES:
+            used = memory_bytes(mode, **sizes)
+            rows.append(f"| {name} | `{mode}` | {used['buffer'] / 2**20:,.1f} | {used['update'] / 2**20:,.1f} |")
+    return "\n".join(rows)
