@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None):
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_causal_lm(args.model)
-    shared = dict(ref_model=model, tokenizer=tokenizer, prompts=load_prompts(), max_new_tokens=args.max_new_tokens)
+    shared = dict(model=model, ref_model=model, tokenizer=tokenizer, prompts=load_prompts(), max_new_tokens=args.max_new_tokens)
     steps = args.episodes * args.max_new_tokens
     task = ContinuationTask(**shared)
     n = args.num_envs
