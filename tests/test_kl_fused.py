@@ -1,10 +1,10 @@
 """``kl_estimators.fused_kl`` and ``LinearLogits`` against the unfused path on materialised logits.
 
 The unfused path (``analytic`` + log-softmax on hidden @ W^T + b) is the reference implementation.
-float64: equal up to float64 rounding (rtol 1e-10). float32: compared with the float64 result;
-over 20 seeds at B x T = 3 x 7, V = 500, d = 64, temperature 0.8 (/tmp script, both paths in
-float32) the largest abs errors were 9.8e-6 (values) and 2.5e-5 (gradients) fused, 1.0e-5 and
-2.4e-5 unfused: the same rounding. The tests allow rtol = atol = 1e-4 (4x the worst seen).
+float64: equal up to float64 rounding (rtol 1e-10). float32: compared with the float64 result.
+Running ``test_float32_within_the_measured_tolerance_of_float64``'s comparison for seeds 0-19 with
+both paths in float32 gave largest abs errors of 9.8e-6 (values) and 2.5e-5 (gradients) fused,
+1.0e-5 and 2.4e-5 unfused: the same rounding. The test allows rtol = atol = 1e-4 (4x the worst).
 """
 from __future__ import annotations
 
