@@ -9,10 +9,11 @@ states and weight.
   with ``chunk_size=64`` (PPOKL's default) and a log-softmax gather.
 - ``fused``: ``kl_estimators.fused_kl`` on ``LinearLogits``, chunk size automatic.
 
-Each case runs in a fresh subprocess. "peak extra" is the process's peak RSS above the RSS
-after the inputs were allocated and a tiny warm-up call loaded the kernels, minus the bytes of
-the gradients themselves (policy hidden states and weight): the temporaries of the computation.
-It does not depend on the machine's load. Time is the median wall-clock of ``--repeats`` calls
+Each case runs in a fresh subprocess. "peak extra" is the process's peak RSS during the measured
+calls (the kernel's high-water mark, reset through /proc/self/clear_refs after the inputs were
+allocated and a tiny warm-up call loaded the kernels) minus the RSS before them and minus the
+bytes of the gradients themselves (policy hidden states and weight): the temporaries of the
+computation. It does not depend on the machine's load. Time is the median wall-clock of ``--repeats`` calls
 (record it on an idle machine). A case whose predicted unfused need (six [B, T, V] float32
 tensors: both logits, the log-softmax, its gradient and two transient copies) exceeds
 ``--max-gb`` is reported as not fitting instead of being run. Matmul FLOPs per position:
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,8 +42,18 @@ UNFUSED_CHUNK = 64
 UNFUSED_TENSORS = 6  # [B, T, V] float32 tensors alive at the unfused peak (see the docstring)
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _status_bytes(field: str) -> int:
+    """``VmRSS``/``VmHWM`` of this process from /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0); return that RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
 
 
 def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: int, threads: int) -> dict:
@@ -55,7 +65,7 @@ def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: in
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     hp, hq = torch.randn(batch, length, dim, generator=g), torch.randn(batch, length, dim, generator=g)
-    wp, wq = torch.randn(vocab, dim, generator=g) * dim**-0.5, torch.randn(vocab, dim, generator=g) * dim**-0.5
+    wp, wq = torch.randn(vocab, dim, generator=g).mul_(dim**-0.5), torch.randn(vocab, dim, generator=g).mul_(dim**-0.5)
     tokens = torch.randint(0, vocab, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.bool)
     hp.requires_grad_(True)
@@ -76,7 +86,7 @@ def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: in
         return float(loss) + float(sum(grad.sum() for grad in grads))
 
     value_and_gradient(hp[:1, :1], tokens[:1, :1], mask[:1, :1], hq[:1, :1])  # warm-up: kernels, allocator
-    baseline = _peak_rss_bytes()
+    baseline = _reset_peak_rss()
     times, checksum = [], 0.0
     for _ in range(repeats):
         start = time.perf_counter()
@@ -84,7 +94,7 @@ def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: in
         times.append(time.perf_counter() - start)
     gradient_bytes = (hp.numel() + wp.numel()) * 4
     return {
-        "peak_extra_bytes": _peak_rss_bytes() - baseline - gradient_bytes,
+        "peak_extra_bytes": _status_bytes("VmHWM") - baseline - gradient_bytes,
         "seconds": statistics.median(times),
         "min_seconds": min(times),
         "max_seconds": max(times),
