@@ -15,7 +15,7 @@ per minibatch and c rows per chunk of ``kl_estimators.fused_kl`` (float32, 4 byt
   less for SmolLM2, 170x for Qwen2.5-0.5B), from one reference forward over the finished rollout.
   The update's policy forward stops at the hidden states and ``kl_estimators.fused_kl`` computes
   KL_t, log pi(y_t) and the entropy from both models' hidden states and output layers, about
-  ``4 x c x V x 4`` bytes at a time (``bench/bench_fused.py`` measured 2.9 such blocks): no
+  ``4 x c x V x 4`` bytes at a time (``bench/bench_fused.py`` measured 4.1 such blocks): no
   ``[b, T, V]`` tensor exists in the update either.
 
 In ``store`` and ``recompute`` the update also holds the policy's ``[b, T, V]`` logits and their

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 from kl_estimators._checks import check_mask, check_ndim, check_positive_int, upcast
 
 # Elements of one [chunk, V] block when ``chunk_size`` is None: 2^24 float32 = 64 MiB per block; the
-# peak holds about three such blocks (bench/bench_fused.py).
+# peak holds about four such blocks (bench/bench_fused.py).
 AUTO_CHUNK_ELEMENTS = 2**24
 
 
