@@ -53,6 +53,7 @@ class SequenceRolloutBuffer:
         store_ref_logits: bool = True,
     ):
         self.store_ref_logits = store_ref_logits
+        self.ref_hidden: torch.Tensor | None = None  # [n, T, d], set after the rollout in ref_logits="hidden"
         self.max_steps = buffer_size
         self.n_envs = n_envs
         self.vocab_size = int(action_space.n)
@@ -73,7 +74,7 @@ class SequenceRolloutBuffer:
         self.values = torch.zeros(n, t)
         self.analytic_kl = torch.zeros(n, t)
         self.ref_logits = torch.zeros(n, t, v) if self.store_ref_logits else None
-        self.ref_hidden: torch.Tensor | None = None  # [n, T, d], set after the rollout in ref_logits="hidden"
+        self.ref_hidden = None
         self.task_rewards = torch.zeros(n)
         self.n_steps = 0
 
