@@ -1,5 +1,6 @@
 """KL values, KL-gradient estimators (on- and off-policy) and KL-coefficient controllers for RL
-fine-tuning of LMs.
+fine-tuning of LMs; the exact KL also fused with the output layers (``fused_kl``, ``LinearLogits``),
+from hidden states without [B, T, V] logits.
 
 Standalone: imports nothing but torch and the standard library.
 """
