@@ -15,7 +15,9 @@ KL handling (beta = ``kl_coef``):
   With ``kl_reward="analytic"`` this is the unbiased ``analytic-future`` estimator of
   ``kl_estimators`` (exactly so for gamma = lambda = 1).
 - ``ref_logits``: ``"store"`` keeps pi_ref's [N, T, V] logits from the rollout; ``"recompute"``
-  recomputes them per minibatch in ``train`` (``agents.reference`` gives both memory formulas).
+  recomputes them per minibatch in ``train``; ``"hidden"`` keeps pi_ref's [N, T, d] final hidden
+  states and computes every vocabulary-wide term of the update with ``kl_estimators.fused_kl``, so
+  no [b, T, V] logits exist (``agents.reference`` gives the memory formulas).
 - ``kl_loss``: GRPO-style autodiff of a sampled estimate (k1/k2/k3-loss), for study; their biases
   are documented in ``kl_estimators.gradients``.
 """
@@ -40,7 +42,7 @@ from agents import distributed
 from agents.advantages import KL_REWARDS
 from agents.buffer import SequenceBatch, SequenceRolloutBuffer
 from agents.policy import CausalLMPolicy
-from agents.reference import check_ref_logits_mode, with_reference_logits
+from agents.reference import check_ref_logits_mode, linear_logits, reference_hidden, with_reference_logits
 from agents.sampling import sample_episodes, trim_left_padding
 from agents.training_state import check_finite, load_ppokl, save_ppokl
 from agents.vec_env import LMGymVecEnv
@@ -271,11 +273,20 @@ class PPOKL(PPO):
 
         beta = self.kl_controller.value
         rollout_buffer.compute_returns_and_advantage(self.kl_reward, beta, self.analytic_grad)
+        if self.ref_logits == "hidden":
+            self._store_reference_hidden(rollout_buffer, env)
         self._record_rollout_stats(rollout_buffer, beta, rollout_seconds)
         self.kl_controller.update(self.rollout_stats["rollout/kl_analytic"], env.num_envs * distributed.world_size())
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
+
+    @staticmethod
+    def _store_reference_hidden(buffer: SequenceRolloutBuffer, env: VecEnv) -> None:
+        """pi_ref's final hidden states at every sampled state, from one forward over the rollout."""
+        batch = buffer.sequences(torch.arange(buffer.n_envs))
+        ref_model = env.get_attr("task")[0].ref_model
+        buffer.ref_hidden = reference_hidden(ref_model, batch.input_ids, batch.attention_mask, batch.actions.shape[1]).cpu()
 
     def _record_rollout_stats(self, buffer: SequenceRolloutBuffer, beta: float, seconds: float) -> None:
         n_tokens = int(buffer.mask.sum())
@@ -293,7 +304,9 @@ class PPOKL(PPO):
 
     # ---------------------------------------------------------------- update
 
-    def kl_loss_term(self, batch: SequenceBatch, logits: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    def kl_loss_term(
+        self, batch: SequenceBatch, logits: torch.Tensor | None, logprobs: torch.Tensor, kl: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """beta x the per-token mean of the KL term whose gradient is added to PPO's (0 if none).
 
         ``kl_estimators.sequence_kl_loss`` is a batch mean of per-sequence sums; scaling by
@@ -308,33 +321,39 @@ class PPOKL(PPO):
         term (score_t x later KLs) is not in this loss: with ``kl_reward`` it is in the reward, and
         PPO's clipped token-ratio surrogate handles it like the task reward (no prefix ratio). At
         the first epoch (W = 1) the total is ``analytic-future`` (``kl_reward="analytic"``).
-        ``kl_loss`` estimators ignore mu, as the frameworks they model do.
+        ``kl_loss`` estimators ignore mu, as the frameworks they model do. ``kl``: KL_t [b, T]
+        already computed by the fused pass (``ref_logits="hidden"``), in place of the logits.
         """
         estimator = "analytic-is" if self.analytic_grad else self.kl_loss
         if estimator is None:
-            return torch.zeros((), device=logits.device)
+            return torch.zeros((), device=logprobs.device)
         scale = batch.mask.shape[0] / batch.mask.sum().clamp(min=1)
         loss = kl_estimators.sequence_kl_loss(
             estimator,
             logprobs,
             batch.ref_logprobs,
             batch.mask,
-            logits=logits,
-            ref_logits=batch.ref_logits,
+            logits=logits if kl is None else None,
+            ref_logits=batch.ref_logits if kl is None else None,
             behaviour_logprobs=batch.old_logprobs,
             chunk_size=self.kl_chunk_size,
+            kl=kl,
         )
         return self.kl_controller.value * scale * loss
 
     def ppo_losses(self, batch: SequenceBatch, clip_range: float, clip_range_vf: float | None) -> dict[str, torch.Tensor]:
         """All loss terms for one minibatch of sequences (means over generated tokens, as SB3)."""
         mask = batch.mask.float()
-        logits, values = self.policy.sequence_forward(batch.input_ids, batch.attention_mask, batch.actions.shape[1])
-        log_softmax = torch.log_softmax(logits, dim=-1)
-        logprobs = log_softmax.gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
-        # a [B, T, V] backward for a term of weight 0 would be wasted
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ent_coef != 0):
-            entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+        if self.ref_logits == "hidden":
+            logits, logprobs, entropy, kl, values = None, *self.fused_forward(batch)
+        else:
+            logits, values = self.policy.sequence_forward(batch.input_ids, batch.attention_mask, batch.actions.shape[1])
+            log_softmax = torch.log_softmax(logits, dim=-1)
+            logprobs = log_softmax.gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
+            # a [B, T, V] backward for a term of weight 0 would be wasted
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.ent_coef != 0):
+                entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+            kl = None
 
         advantages = batch.advantages
         if self.normalize_advantage and mask.sum() > 1:
@@ -350,7 +369,7 @@ class PPOKL(PPO):
             values = batch.old_values + torch.clamp(values - batch.old_values, -clip_range_vf, clip_range_vf)
         value_loss = masked_mean((batch.returns - values) ** 2, mask)
         entropy_loss = -masked_mean(entropy, mask)
-        kl_loss = self.kl_loss_term(batch, logits, logprobs)
+        kl_loss = self.kl_loss_term(batch, logits, logprobs, kl)
         loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss + kl_loss
         with torch.no_grad():
             approx_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
@@ -364,6 +383,17 @@ class PPOKL(PPO):
             "approx_kl": approx_kl,
             "clip_fraction": clip_fraction,
         }
+
+    def fused_forward(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """log pi(y_t), H(pi(.|s_t)), KL_t (None without ``analytic_grad``) and V(s_t), [b, T] each,
+        from the policy's and pi_ref's hidden states through ``kl_estimators.fused_kl`` (0 where
+        ``batch.mask`` is False): the ``ref_logits="hidden"`` update, with no [b, T, V] tensor."""
+        hidden, values = self.policy.sequence_hidden(batch.input_ids, batch.attention_mask, batch.actions.shape[1])
+        policy = linear_logits(self.policy.lm, hidden)
+        reference = linear_logits(self.env.get_attr("task")[0].ref_model, batch.ref_hidden) if self.analytic_grad else None
+        out = kl_estimators.fused_kl(policy, reference, batch.actions, batch.mask, self.kl_chunk_size)
+        entropy = out.entropy if self.ent_coef != 0 else out.entropy.detach()  # no backward for a weight-0 term
+        return out.logprobs, entropy, out.kl if self.analytic_grad else None, values
 
     def train(self) -> None:
         """PPO epochs over minibatches of whole sequences."""
@@ -381,7 +411,7 @@ class PPOKL(PPO):
         continue_training = True
         for epoch in range(self.n_epochs):
             for batch in buffer.get(sequences_per_batch, generator):
-                if batch.ref_logits is None and self.analytic_grad:
+                if self.ref_logits == "recompute" and self.analytic_grad:
                     batch = with_reference_logits(batch, self.env.get_attr("task")[0].ref_model)
                 losses = self.ppo_losses(batch, clip_range, clip_range_vf)
                 weight, union = distributed.union_minibatch(losses, batch.mask.sum())

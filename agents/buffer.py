@@ -35,6 +35,7 @@ class SequenceBatch:
     old_values: torch.Tensor  # [b, T]
     advantages: torch.Tensor  # [b, T]
     returns: torch.Tensor  # [b, T]
+    ref_hidden: torch.Tensor | None = None  # [b, T, d] pi_ref's final hidden states (ref_logits="hidden")
 
 
 class SequenceRolloutBuffer:
@@ -52,6 +53,7 @@ class SequenceRolloutBuffer:
         store_ref_logits: bool = True,
     ):
         self.store_ref_logits = store_ref_logits
+        self.ref_hidden: torch.Tensor | None = None  # [n, T, d], set after the rollout in ref_logits="hidden"
         self.max_steps = buffer_size
         self.n_envs = n_envs
         self.vocab_size = int(action_space.n)
@@ -72,6 +74,7 @@ class SequenceRolloutBuffer:
         self.values = torch.zeros(n, t)
         self.analytic_kl = torch.zeros(n, t)
         self.ref_logits = torch.zeros(n, t, v) if self.store_ref_logits else None
+        self.ref_hidden = None
         self.task_rewards = torch.zeros(n)
         self.n_steps = 0
 
@@ -124,6 +127,7 @@ class SequenceRolloutBuffer:
             old_values=self.values[indices].to(self.device),
             advantages=self.advantages[indices].to(self.device),
             returns=self.returns[indices].to(self.device),
+            ref_hidden=None if self.ref_hidden is None else self.ref_hidden[indices].to(self.device),
         )
 
     def get(self, sequences_per_batch: int, generator: torch.Generator | None = None) -> Iterator[SequenceBatch]:

@@ -46,7 +46,7 @@ class Args:
     kl_reward: str = _arg("k1", "per-token KL in the reward", choices=KL_REWARDS)
     analytic_grad: bool = _arg(False, "add the exact per-position KL to the loss and drop the current token's KL from its advantage")
     kl_loss: str | None = _arg(None, "GRPO-style autodiff KL loss, for study", choices=KL_LOSSES)
-    ref_logits: str = _arg("store", "reference logits for the analytic KL: 'store' [N, T, V] from the rollout, or 'recompute' per minibatch (no storage, one extra reference forward)", choices=REF_LOGITS_MODES)
+    ref_logits: str = _arg("store", "reference logits for the analytic KL: 'store' [N, T, V] from the rollout, 'recompute' per minibatch (no storage, one extra reference forward), or 'hidden' (store pi_ref's [N, T, d] hidden states; the update computes the KL fused, with no [b, T, V] logits)", choices=REF_LOGITS_MODES)
     # PPO
     learning_rate: float = _arg(1e-6, "learning rate of the language model")
     vf_learning_rate: float = _arg(1e-4, "learning rate of the value head")

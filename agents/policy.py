@@ -126,6 +126,15 @@ class CausalLMPolicy(BasePolicy):
         hidden = out.hidden_states[-1][:, -n_actions - 1 : -1]
         return logits, self.values_from_hidden(hidden)
 
+    def sequence_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_actions: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states [B, T, H] at the states of ``sequence_forward``'s logits (the output
+        layer applied to them gives those logits; it runs on one position per row only) and V(s_t)."""
+        out = self._lm_forward(input_ids, attention_mask, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, -n_actions - 1 : -1]
+        return hidden, self.values_from_hidden(hidden)
+
     def _lm_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
         """One full forward over a padded batch, logits for the last ``logits_to_keep`` positions."""
         return forward_last(self.lm, input_ids, attention_mask, logits_to_keep, output_hidden_states=True)

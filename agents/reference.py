@@ -1,8 +1,9 @@
-"""Reference-model logits for the PPO update: stored during the rollout, or recomputed per minibatch.
+"""Reference-model logits for the PPO update: stored during the rollout, recomputed per minibatch,
+or stored as final hidden states and never materialised.
 
 The analytic KL gradient needs pi_ref's whole next-token distribution at every generated
-position. With N sequences per rank, T generated tokens, vocabulary V and b sequences per
-minibatch (float32 logits, 4 bytes):
+position. With N sequences per rank, T generated tokens, vocabulary V, hidden size d, b sequences
+per minibatch and c rows per chunk of ``kl_estimators.fused_kl`` (float32, 4 bytes):
 
 - ``store``: the rollout buffer keeps ``N x T x V x 4`` bytes from sampling until the update ends
   (they come free from the env, which computes them anyway); no extra forward.
@@ -10,8 +11,20 @@ minibatch (float32 logits, 4 bytes):
   ``no_grad`` and holds ``b x T x V x 4`` bytes while its loss is computed (plus the forward's
   transient activations); ``n_epochs`` extra reference forwards over the whole rollout per update.
 
-Recomputing saves ``(N - b) x T x V x 4`` bytes: it wins whenever a minibatch is smaller than the
-rollout, at the price of roughly one third of a policy forward+backward per minibatch.
+- ``hidden``: the buffer keeps pi_ref's final hidden states, ``N x T x d x 4`` bytes (V / d = 85x
+  less for SmolLM2, 170x for Qwen2.5-0.5B), from one reference forward over the finished rollout.
+  The update's policy forward stops at the hidden states and ``kl_estimators.fused_kl`` computes
+  KL_t, log pi(y_t) and the entropy from both models' hidden states and output layers, about
+  ``4 x c x V x 4`` bytes at a time (``bench/bench_fused.py`` measured 4.1 such blocks): no
+  ``[b, T, V]`` tensor exists in the update either.
+
+In ``store`` and ``recompute`` the update also holds the policy's ``[b, T, V]`` logits and their
+log-softmax, probabilities and gradient (about ``4 x b x T x V x 4`` bytes, autograd's saved
+tensors included); ``hidden`` replaces them by the chunk. Recomputing saves ``(N - b) x T x V x 4``
+bytes over storing, at the price of roughly one third of a policy forward+backward per minibatch;
+``hidden`` costs one reference forward per rollout and, in the update, recomputes both models'
+output layers in backward (three more ``[c, d] x [d, V]`` products per chunk than unfused).
+``memory_bytes`` evaluates these formulas.
 """
 from __future__ import annotations
 
@@ -20,10 +33,12 @@ import dataclasses
 import torch
 from transformers import PreTrainedModel
 
+from kl_estimators import LinearLogits
+
 from agents.buffer import SequenceBatch
 from lmgym.decoding import forward_last
 
-REF_LOGITS_MODES = ("store", "recompute")
+REF_LOGITS_MODES = ("store", "recompute", "hidden")
 
 
 def check_ref_logits_mode(mode: str) -> None:
@@ -47,3 +62,56 @@ def with_reference_logits(batch: SequenceBatch, ref_model: PreTrainedModel) -> S
     """``batch`` with its ``ref_logits`` recomputed by one forward of ``ref_model``."""
     logits = reference_logits(ref_model, batch.input_ids, batch.attention_mask, batch.actions.shape[1])
     return dataclasses.replace(batch, ref_logits=logits)
+
+
+@torch.no_grad()
+def reference_hidden(
+    ref_model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_actions: int
+) -> torch.Tensor:
+    """pi_ref's float32 final hidden states ``[b, T, d]`` at the states of ``reference_logits``
+    (its output layer applied to them gives those logits)."""
+    device = ref_model.device
+    out = forward_last(ref_model, input_ids.to(device), attention_mask.to(device), 1, output_hidden_states=True)
+    return out.hidden_states[-1][:, -n_actions - 1 : -1].float().to(input_ids.device)
+
+
+def linear_logits(model: PreTrainedModel, hidden: torch.Tensor) -> LinearLogits:
+    """``model``'s logits at final hidden states ``hidden`` [b, T, d], as factors for ``fused_kl``.
+
+    ValueError for a model whose logits are not its output layer applied to the hidden state
+    (logit soft-capping or scaling, or an output layer that is not a plain linear map)."""
+    config = model.config.get_text_config()
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ValueError(f"ref_logits='hidden' needs logits = output_layer(hidden), but the model sets {name}")
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"ref_logits='hidden' needs a torch.nn.Linear output layer, got {type(head).__name__}")
+    return LinearLogits(hidden, head.weight, head.bias)
+
+
+def memory_bytes(mode: str, n: int, t: int, vocab: int, hidden_size: int, b: int, chunk: int) -> dict[str, int]:
+    """The float32 bytes of the formulas above: ``buffer`` (kept from the rollout to the end of the
+    update) and ``update`` (the largest vocabulary-sized tensors of one minibatch's loss)."""
+    check_ref_logits_mode(mode)
+    buffer = {"store": n * t * vocab, "recompute": 0, "hidden": n * t * hidden_size}[mode]
+    update = {"store": 4 * b * t * vocab, "recompute": 5 * b * t * vocab, "hidden": 4 * chunk * vocab}[mode]
+    return {"buffer": 4 * buffer, "update": 4 * update}
+
+
+MEMORY_SETTINGS = {
+    "SmolLM2-135M demo (N 24, T 16, b 8)": dict(n=24, t=16, vocab=49_152, hidden_size=576, b=8, chunk=64),
+    "SmolLM2-135M, RL4LMs IMDB (N 10, T 48, b 1)": dict(n=10, t=48, vocab=49_152, hidden_size=576, b=1, chunk=64),
+    "Qwen2.5-0.5B, long (N 64, T 1,024, b 4)": dict(n=64, t=1024, vocab=151_936, hidden_size=896, b=4, chunk=64),
+}
+
+
+def memory_table() -> str:
+    """The docs' table of ``memory_bytes`` for every mode at ``MEMORY_SETTINGS`` (chunk 64 rows,
+    PPOKL's default ``kl_chunk_size``)."""
+    rows = ["| setting | ref_logits | buffer (MiB) | update, vocabulary-wide (MiB) |", "|---|---|---:|---:|"]
+    for name, sizes in MEMORY_SETTINGS.items():
+        for mode in REF_LOGITS_MODES:
+            used = memory_bytes(mode, **sizes)
+            rows.append(f"| {name} | `{mode}` | {used['buffer'] / 2**20:,.1f} | {used['update'] / 2**20:,.1f} |")
+    return "\n".join(rows)

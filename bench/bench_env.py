@@ -9,7 +9,7 @@ Compares, for N sequences of ``max_new_tokens`` random tokens each:
 
 Prints a Markdown table; "env steps/s" counts each sub-env step.
 
-    python bench/bench_env.py [--num-envs 16] [--max-new-tokens 48] [--episodes 1] [--naive-samples 6] [--threads 1]
+    python bench/bench_env.py [--num-envs 16] [--max-new-tokens 48] [--episodes 1] [--naive-samples 6] [--threads 1] [--model smollm2-135m]
 """
 
 from __future__ import annotations
@@ -74,18 +74,19 @@ def bench_naive(task: ContinuationTask, num_envs: int, steps: int, rng: np.rando
     return float(np.mean(seconds)) * steps
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--episodes", type=int, default=1, help="episodes of max-new-tokens steps per setting")
     parser.add_argument("--naive-samples", type=int, default=6, help="steps timed for the naive baseline")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
-    args = parser.parse_args()
+    parser.add_argument("--model", default="smollm2-135m", help="reference LM (the embedded one, or a local folder)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_causal_lm()
-    shared = dict(ref_model=model, tokenizer=tokenizer, prompts=load_prompts(), max_new_tokens=args.max_new_tokens)
+    model, tokenizer = load_causal_lm(args.model)
+    shared = dict(model=model, ref_model=model, tokenizer=tokenizer, prompts=load_prompts(), max_new_tokens=args.max_new_tokens)
     steps = args.episodes * args.max_new_tokens
     task = ContinuationTask(**shared)
     n = args.num_envs
@@ -96,7 +97,7 @@ def main():
             task, n, steps, np.random.default_rng(0), args.naive_samples
         ),
     }
-    print(f"\nSmolLM2-135M, CPU threads={torch.get_num_threads()}, {steps} batched steps of {n} sequences, "
+    print(f"\n{args.model}, CPU threads={torch.get_num_threads()}, {steps} batched steps of {n} sequences, "
           f"max_new_tokens={args.max_new_tokens}, random actions\n")
     print("| setting | env steps/s | ms per batched step |")
     print("| --- | ---: | ---: |")

@@ -22,7 +22,10 @@ scores (about 1 % at these lengths) are left out, so the floor is a lower bound.
 the baseline's work (whole sequences, logits everywhere, one more policy forward) gives the ratio
 PPOKL / baseline that equal matmul efficiency would give.
 
-    python bench/bench_iteration.py [--config configs/demo.yaml] [--rounds 4] [--threads 1]
+    python bench/bench_iteration.py [--config configs/demo.yaml] [--rounds 4] [--threads 1] [any agents.ppo_kl flag]
+
+Flags it does not know go to the run's arguments (``agents.config``), e.g. ``--ref-logits hidden``
+or ``--model PATH``.
 """
 
 from __future__ import annotations
@@ -192,24 +195,24 @@ def work_flops(model: nn.Module, args: Args) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of the three contenders (the first is warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
-    options = parser.parse_args()
+    options, run_flags = parser.parse_known_args(argv)
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
 
-    load_causal_lm()  # make sure the converted model is cached
+    args = parse_args(["--config", options.config, "--eval-every", "0", "--seed", str(options.seed), *run_flags])
+    load_causal_lm(args.model)  # make sure the converted model is cached
     start = time.perf_counter()
-    load_causal_lm()
+    load_causal_lm(args.model)
     load_seconds = time.perf_counter() - start
 
-    args = parse_args(["--config", options.config, "--eval-every", "0", "--seed", str(options.seed)])
     env, _ = make_envs(args)
-    model = quiet(build_model(args, env, out=None))  # type: ignore[arg-type]
+    model = quiet(build_model(args, env, out=None, resume=False))  # type: ignore[arg-type]
     _, callback = model._setup_learn(10**9, CallbackList([]))
     callback.on_training_start(locals(), globals())
     baseline = HFBaseline(args, env.venv.task, model.policy.lm, model.policy.value_head, options.seed)

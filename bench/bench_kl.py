@@ -8,6 +8,7 @@ covers every temporary and the gradient output of the measured call. "forward" r
 w.r.t. the policy logits (reference logits constant), as in training.
 
     python bench/bench_kl.py            # prints a Markdown table
+    python bench/bench_kl.py --small    # tiny sizes, one repeat: the suite's smoke test
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(vocab: int, batch: int, length: int, chunk_size: int | None, which: str) -> dict:
+def worker(vocab: int, batch: int, length: int, chunk_size: int | None, which: str, repeats: int = REPEATS) -> dict:
     """Time one configuration in this (fresh) process and measure its peak extra RSS."""
     import torch
 
@@ -57,22 +58,23 @@ def worker(vocab: int, batch: int, length: int, chunk_size: int | None, which: s
             torch.autograd.grad(kl.sum(), logits)
 
     times = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times), "peak_extra_mb": _peak_rss_mb() - baseline}
 
 
-def main() -> None:
-    print(f"analytic KL, float32, {THREADS} threads; median of {REPEATS}; peak extra = max RSS above inputs\n")
+def main(small: bool = False) -> None:
+    vocabs, shapes, repeats = ((50,), ((2, 3),), 1) if small else (VOCABS, SHAPES, REPEATS)
+    print(f"analytic KL, float32, {THREADS} threads; median of {repeats}; peak extra = max RSS above inputs\n")
     print("| vocab | B x T | pass | mode | time (s) | peak extra mem (MB) |")
     print("|---:|---:|---|---|---:|---:|")
-    for vocab in VOCABS:
-        for batch, length in SHAPES:
+    for vocab in vocabs:
+        for batch, length in shapes:
             for which in PASSES:
                 for chunk_size in CHUNK_SIZES:
-                    args = [vocab, batch, length, chunk_size, which]
+                    args = [vocab, batch, length, chunk_size, which, repeats]
                     out = subprocess.run(
                         [sys.executable, __file__, "--worker", json.dumps(args)],
                         capture_output=True, text=True, check=True,
@@ -90,4 +92,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         print(json.dumps(worker(*json.loads(sys.argv[2]))))
     else:
-        main()
+        main(small=sys.argv[1:] == ["--small"])

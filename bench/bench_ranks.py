@@ -10,7 +10,7 @@ and reads ``time/iteration_seconds`` and ``time/rollout_tokens_per_s`` of the la
 from ``metrics.csv`` (the first pays one-off allocations). Then it times ``dist.all_reduce`` of a
 flat float32 tensor with the model's parameter count on W gloo ranks.
 
-    python bench/bench_ranks.py [--total-envs 8] [--ranks 1 2] [--iters 2] [--repeats 1] [--lora-rank 0]
+    python bench/bench_ranks.py [--total-envs 8] [--ranks 1 2] [--iters 2] [--repeats 1] [--lora-rank 0] [--model smollm2-135m]
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def run_training(n_ranks: int, args: argparse.Namespace, out: Path) -> dict[str,
         "--n-envs", str(args.total_envs // n_ranks), "--iters", str(args.iters), "--eval-every", "0",
         "--save-every", "1000", "--max-new-tokens", str(args.max_new_tokens), "--n-epochs", str(args.n_epochs),
         "--batch-size", str(args.batch_size), "--analytic-grad", "--kl-reward", "analytic", "--out", str(out),
-        "--lora-rank", str(args.lora_rank),
+        "--lora-rank", str(args.lora_rank), "--model", args.model,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     subprocess.run(torchrun(n_ranks) + ["-m", "agents.ppo_kl", *flags], cwd=REPO, env=env, check=True, capture_output=True)
@@ -64,7 +64,7 @@ def allreduce_worker(n_elements: int, repeats: int) -> None:
     dist.destroy_process_group()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--total-envs", type=int, default=8, help="episodes per iteration over all ranks")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
@@ -74,8 +74,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=192, help="minibatch in tokens per rank")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters instead of full fine-tuning (less memory)")
+    parser.add_argument("--model", default="smollm2-135m", help="policy and reference LM (the embedded one, or a local folder)")
+    parser.add_argument("--allreduce-elements", type=int, default=SMOLLM2_135M_PARAMETERS, help="floats in the timed all-reduce (default: SmolLM2-135M's parameters)")
     parser.add_argument("--allreduce-worker", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.allreduce_worker:
         allreduce_worker(args.allreduce_worker, repeats=3)
         return
@@ -91,7 +93,7 @@ def main() -> None:
     for n_ranks, runs in results.items():
         allreduce = "-"
         if n_ranks > 1:
-            done = subprocess.run(torchrun(n_ranks) + [__file__, "--allreduce-worker", str(SMOLLM2_135M_PARAMETERS)],
+            done = subprocess.run(torchrun(n_ranks) + [__file__, "--allreduce-worker", str(args.allreduce_elements)],
                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, text=True)
             allreduce = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("ALLREDUCE"))
         iteration = np.median([r["time/iteration_seconds"] for r in runs])

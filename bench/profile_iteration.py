@@ -6,7 +6,9 @@ so the table adds up to the iteration). ``--torch-profile`` also prints torch.pr
 table of one rollout and one update, with the output layer's matmuls (the ones whose output has
 the vocabulary's width) split from the others.
 
-    python bench/profile_iteration.py [--config configs/demo.yaml] [--iters 2] [--threads 1] [--torch-profile]
+    python bench/profile_iteration.py [--config configs/demo.yaml] [--iters 2] [--threads 1] [--torch-profile] [any agents.ppo_kl flag]
+
+Flags it does not know go to the run's arguments (``agents.config``), e.g. ``--ref-logits hidden``.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ def instrument(model, phases: Phases) -> None:
     phases.wrap(model.rollout_buffer, "add", "rollout: buffer add")
     phases.wrap(model.rollout_buffer, "compute_returns_and_advantage", "rollout: rewards + GAE")
     phases.wrap(model.policy, "sequence_forward", "update: policy forward")
+    phases.wrap(model.policy, "sequence_hidden", "update: policy forward (to the hidden states)")
+    phases.wrap(kl_estimators, "fused_kl", "update: fused output layers, log-probs and KL (forward)")
     phases.wrap(model, "kl_loss_term", "update: analytic KL loss (forward)")
     phases.wrap(torch.Tensor, "backward", "update: backward")
     phases.wrap(algorithm.torch.nn.utils, "clip_grad_norm_", "update: gradient clipping")
@@ -116,18 +120,18 @@ def print_operators(prof, vocab: int, rows: int = 15) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--torch-profile", action="store_true")
-    options = parser.parse_args()
+    options, run_flags = parser.parse_known_args(argv)
     torch.set_num_threads(options.threads)
-    args = parse_args(["--config", options.config, "--eval-every", "0"])
+    args = parse_args(["--config", options.config, "--eval-every", "0", *run_flags])
     env, _ = make_envs(args)
-    model = quiet(build_model(args, env, out=None))  # type: ignore[arg-type]
+    model = quiet(build_model(args, env, out=None, resume=False))  # type: ignore[arg-type]
     _, callback = model._setup_learn(10**9, CallbackList([]))
 
     def iteration():

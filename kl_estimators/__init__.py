@@ -1,5 +1,6 @@
 """KL values, KL-gradient estimators (on- and off-policy) and KL-coefficient controllers for RL
-fine-tuning of LMs.
+fine-tuning of LMs; the exact KL also fused with the output layers (``fused_kl``, ``LinearLogits``),
+from hidden states without [B, T, V] logits.
 
 Standalone: imports nothing but torch and the standard library.
 """
@@ -7,6 +8,7 @@ Standalone: imports nothing but torch and the standard library.
 __version__ = "0.1.0"  # the distribution lmgym-kl's version: pyproject.toml reads it from here
 
 from kl_estimators.controllers import AdaptiveKLController, FixedKLController
+from kl_estimators.fused import FusedKL, LinearLogits, fused_kl
 from kl_estimators.gradients import ESTIMATORS, per_token_kl_loss, sequence_kl_loss
 from kl_estimators.info import ESTIMATOR_INFO, GRADIENT_QUANTITIES, EstimatorInfo
 from kl_estimators.values import analytic, k1, k2, k3
@@ -18,7 +20,10 @@ __all__ = [
     "AdaptiveKLController",
     "EstimatorInfo",
     "FixedKLController",
+    "FusedKL",
+    "LinearLogits",
     "analytic",
+    "fused_kl",
     "k1",
     "k2",
     "k3",

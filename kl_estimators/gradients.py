@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kl_estimators._checks import check_mask, check_ndim, check_same_shape, upcast
+from kl_estimators.fused import LinearLogits
 from kl_estimators.info import ESTIMATOR_INFO
 from kl_estimators.values import analytic, k1, k2, k3
 from kl_estimators.weights import WeightClip, check_weight_clip, prefix_log_ratios, token_log_ratios, weight
@@ -56,10 +57,11 @@ class _Batch:
     ref_logprobs: torch.Tensor
     mask: torch.Tensor
     log_rho: torch.Tensor
-    logits: torch.Tensor | None
-    ref_logits: torch.Tensor | None
+    logits: torch.Tensor | LinearLogits | None
+    ref_logits: torch.Tensor | LinearLogits | None
     weight_clip: WeightClip
     chunk_size: int | None
+    given_kl: torch.Tensor | None = None
 
     @property
     def score(self) -> torch.Tensor:
@@ -72,6 +74,8 @@ class _Batch:
 
     def kl(self) -> torch.Tensor:
         """KL_t, the exact KL at every position, 0 where masked."""
+        if self.given_kl is not None:
+            return torch.where(self.mask, upcast(self.given_kl), 0.0)
         return analytic(self.logits, self.ref_logits, mask=self.mask, chunk_size=self.chunk_size)
 
     def prefix_weight(self, inclusive: bool) -> torch.Tensor:
@@ -140,7 +144,7 @@ _TERMS: dict[str, Callable[[_Batch], torch.Tensor]] = {
 ESTIMATORS: tuple[str, ...] = tuple(_TERMS)  # the order of ESTIMATOR_INFO (checked by the tests)
 
 
-def _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, behaviour_logprobs, importance) -> None:
+def _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, behaviour_logprobs, importance, kl) -> None:
     if estimator not in _TERMS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     check_ndim("logprobs", logprobs, 2, "[B, T]")
@@ -157,9 +161,18 @@ def _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, b
         raise ValueError(f"importance must be None for {estimator!r}, which weights by behaviour_logprobs itself")
     if not info.needs_logits:
         return
+    if kl is not None:
+        if logits is not None or ref_logits is not None:
+            raise ValueError("give either kl or logits and ref_logits, not both")
+        check_same_shape("logprobs", logprobs, "kl", kl)
+        return
     if logits is None or ref_logits is None:
-        raise ValueError(f"estimator {estimator!r} needs logits and ref_logits ([B, T, V])")
-    check_ndim("logits", logits, 3, "[B, T, V]")
+        raise ValueError(f"estimator {estimator!r} needs logits and ref_logits ([B, T, V] or LinearLogits) or kl ([B, T])")
+    if isinstance(logits, LinearLogits) or isinstance(ref_logits, LinearLogits):
+        if not (isinstance(logits, LinearLogits) and isinstance(ref_logits, LinearLogits)):
+            raise ValueError("logits and ref_logits must both be tensors or both be LinearLogits")
+    else:
+        check_ndim("logits", logits, 3, "[B, T, V]")
     if logits.shape[:2] != logprobs.shape:
         raise ValueError(
             f"logits must be [B, T, V] with [B, T] = logprobs.shape {tuple(logprobs.shape)}, "
@@ -173,26 +186,30 @@ def per_token_kl_loss(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     mask: torch.Tensor,
-    logits: torch.Tensor | None = None,
-    ref_logits: torch.Tensor | None = None,
+    logits: torch.Tensor | LinearLogits | None = None,
+    ref_logits: torch.Tensor | LinearLogits | None = None,
     *,
     behaviour_logprobs: torch.Tensor | None = None,
     importance: str | None = None,
     weight_clip: WeightClip = None,
     chunk_size: int | None = None,
+    kl: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, T] per-token KL loss terms (0 where ``mask`` is False) whose gradient is ``estimator``.
 
     The drop-in for a framework's per-token KL term: logprobs, ref_logprobs and
     behaviour_logprobs are log pi, log pi_ref and log mu (the "old"/rollout policy) of the sampled
-    tokens, [B, T]; ref and behaviour inputs are constants. logits, ref_logits: [B, T, V], for the
-    analytic estimators only. The guarantees of ``ESTIMATOR_INFO`` hold for the sum over tokens
+    tokens, [B, T]; ref and behaviour inputs are constants. logits, ref_logits: [B, T, V], or
+    ``LinearLogits`` (hidden states and output layers: the KL is then computed by
+    ``kl_estimators.fused_kl`` without [B, T, V] logits), for the analytic estimators only;
+    ``kl``: KL_t [B, T] already computed with its gradient (e.g. ``fused_kl(...).kl`` from the pass
+    that gave ``logprobs``), in their place. The guarantees of ``ESTIMATOR_INFO`` hold for the sum over tokens
     divided by a constant (a batch token-sum or token-mean), not for per-sequence length
     normalisation. ``importance``: "token" or "sequence" importance weighting of an estimator that
     ignores mu; ``weight_clip``: c (min(w, c)) or (lo, hi) on every importance weight;
-    ``chunk_size``: passed to ``analytic``.
+    ``chunk_size``: rows per chunk of ``analytic`` or ``fused_kl``.
     """
-    _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, behaviour_logprobs, importance)
+    _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, behaviour_logprobs, importance, kl)
     check_weight_clip(weight_clip)
     batch = _Batch(
         logprobs=torch.where(mask, upcast(logprobs), 0.0),
@@ -200,9 +217,10 @@ def per_token_kl_loss(
         mask=mask,
         log_rho=token_log_ratios(logprobs, behaviour_logprobs, mask),
         logits=logits,
-        ref_logits=None if ref_logits is None else ref_logits.detach(),
+        ref_logits=ref_logits.detach() if isinstance(ref_logits, torch.Tensor) else ref_logits,
         weight_clip=weight_clip,
         chunk_size=chunk_size,
+        given_kl=kl,
     )
     terms = _TERMS[estimator](batch)
     if importance == "token":
@@ -217,13 +235,14 @@ def sequence_kl_loss(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     mask: torch.Tensor,
-    logits: torch.Tensor | None = None,
-    ref_logits: torch.Tensor | None = None,
+    logits: torch.Tensor | LinearLogits | None = None,
+    ref_logits: torch.Tensor | LinearLogits | None = None,
     *,
     behaviour_logprobs: torch.Tensor | None = None,
     importance: str | None = None,
     weight_clip: WeightClip = None,
     chunk_size: int | None = None,
+    kl: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch mean over B of the per-sequence sums of ``per_token_kl_loss`` (same arguments); 0 for
     an empty batch (B = 0).
@@ -242,5 +261,6 @@ def sequence_kl_loss(
         importance=importance,
         weight_clip=weight_clip,
         chunk_size=chunk_size,
+        kl=kl,
     ).sum(-1)
     return per_sequence.mean() if per_sequence.numel() else per_sequence.sum()

@@ -16,6 +16,7 @@ from kl_estimators._checks import (
     compute_dtype,
     upcast,
 )
+from kl_estimators.fused import LinearLogits, fused_analytic
 
 
 def _masked_pair(
@@ -123,8 +124,8 @@ def _rows_of(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 
 
 def analytic(
-    logits_p: torch.Tensor,
-    logits_q: torch.Tensor,
+    logits_p: torch.Tensor | LinearLogits,
+    logits_q: torch.Tensor | LinearLogits,
     dim: int = -1,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
@@ -137,7 +138,13 @@ def analytic(
     ``mask`` has the shape of the result; where it is False the KL is 0 with zero gradient.
     ``chunk_size=N`` processes N positions (rows of the flattened leading dims) at a time in
     forward and backward, so the extra memory does not grow with the number of positions.
+    ``LinearLogits`` (hidden states and output layers, [B, T, d] -> [B, T, V] along the last dim)
+    in place of both logits: computed by ``kl_estimators.fused_kl`` without the [B, T, V] logits.
     """
+    if isinstance(logits_p, LinearLogits) or isinstance(logits_q, LinearLogits):
+        if dim not in (-1, 2):
+            raise ValueError(f"LinearLogits have the vocabulary on the last dim, got dim={dim}")
+        return fused_analytic(logits_p, logits_q, mask=mask, chunk_size=chunk_size)
     check_same_shape("logits_p", logits_p, "logits_q", logits_q)
     if logits_p.dim() == 0:
         raise ValueError("logits_p must have at least one dimension (the vocabulary)")

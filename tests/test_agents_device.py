@@ -83,7 +83,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("ref_logits", ["store", "recompute"])
+@pytest.mark.parametrize("ref_logits", ["store", "recompute", "hidden"])
 def test_cuda_rollout_update_evaluation_checkpoint_and_resume(tiny_lm_path, tmp_path, dtype, ref_logits):
     env = make_env(tiny_lm_path, device="cuda")
     model = make_model(tiny_lm_path, env, device="cuda", ref_logits=ref_logits, policy_kwargs={"dtype": dtype}, **KL_CONFIG)

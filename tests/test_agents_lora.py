@@ -54,9 +54,12 @@ def test_lora_policy_starts_equal_to_its_reference_then_moves_only_its_adapters(
     )
 
 
-def test_lora_with_recomputed_reference_logits_trains_like_stored(tiny_lm_path):
+@pytest.mark.parametrize("other", ["recompute", "hidden"])
+def test_lora_with_recomputed_or_hidden_reference_trains_like_stored(tiny_lm_path, other):
+    """``hidden``: the reference's hidden states come from the base model (adapters off) and its
+    output layer is the policy's own."""
     runs = []
-    for mode in ("store", "recompute"):
+    for mode in ("store", other):
         # SGD: with Adam, rounding noise in near-zero gradients moves parameters by up to lr
         model = lora_model(tiny_lm_path, optimizer_class=torch.optim.SGD, ref_logits=mode)
         model.learn(total_timesteps=2 * model.n_envs * model.n_steps)

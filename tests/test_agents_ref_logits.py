@@ -1,10 +1,10 @@
-"""``ref_logits="recompute"``: no [N, T, V] storage, and the same training as ``"store"``."""
+"""``ref_logits="recompute"`` and ``"hidden"``: no [N, T, V] storage, and the same training as ``"store"``."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from agents.reference import with_reference_logits
+from agents.reference import linear_logits, memory_bytes, with_reference_logits
 from tests.agents_helpers import make_env, make_model
 
 KL_CONFIG = {"analytic_grad": True, "kl_reward": "analytic", "kl_coef": 0.3, "seed": 5}
@@ -28,27 +28,56 @@ def test_recompute_buffer_stores_no_reference_logits_and_recomputes_the_stored_o
     torch.testing.assert_close(again.ref_logits[mask], batch.ref_logits[mask], rtol=1e-5, atol=1e-5)
 
 
-def test_same_seed_gives_the_same_metrics_and_parameters_in_both_modes(tiny_lm_path):
+def test_hidden_buffer_stores_the_reference_hidden_states_that_give_the_stored_logits(tiny_lm_path):
+    models = {}
+    for mode in ("store", "hidden"):
+        model = models[mode] = make_model(tiny_lm_path, ref_logits=mode, **KL_CONFIG)
+        _, callback = model._setup_learn(total_timesteps=10**6, callback=None)
+        assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    every = torch.arange(models["store"].n_envs)
+    stored, hidden = models["store"].rollout_buffer.sequences(every), models["hidden"].rollout_buffer.sequences(every)
+    assert hidden.ref_logits is None and stored.ref_hidden is None
+    ref_model = models["hidden"].env.get_attr("task")[0].ref_model
+    assert hidden.ref_hidden.shape == (*hidden.mask.shape, ref_model.config.hidden_size)
+    logits = linear_logits(ref_model, hidden.ref_hidden).materialise()
+    mask = stored.mask
+    assert mask.any()
+    torch.testing.assert_close(logits[mask], stored.ref_logits[mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, extra", [("recompute", {}), ("hidden", {}), ("hidden", {"ent_coef": 0.05}), ("hidden", {"analytic_grad": False, "kl_reward": "k1", "kl_loss": "k3-loss"})])
+def test_same_seed_gives_the_same_metrics_and_parameters_as_store(tiny_lm_path, mode, extra):
     """Two iterations (rollout + 2 epochs of minibatch updates each): the only difference between
-    the modes is the float rounding of a full forward vs the env's KV-cached one."""
+    the modes is float rounding (a full forward vs the env's KV-cached one; the fused KL's chunked
+    sums vs the materialised logits')."""
     runs = {}
-    for mode in ("store", "recompute"):
+    for mode in ("store", mode):
         # SGD: Adam's first step is ~lr x sign(g), so rounding noise in near-zero gradient
         # coordinates would move parameters by up to lr; SGD moves them by lr x noise.
-        model = make_model(tiny_lm_path, ref_logits=mode, policy_kwargs={"optimizer_class": torch.optim.SGD}, **KL_CONFIG)
+        config = {**KL_CONFIG, **extra}
+        model = make_model(tiny_lm_path, ref_logits=mode, policy_kwargs={"optimizer_class": torch.optim.SGD}, **config)
         model.learn(total_timesteps=2 * model.n_envs * model.n_steps)
         logged = model.logger.name_to_value
         metrics = {k: v for k, v in {**logged, **model.rollout_stats}.items() if not k.startswith("time/")}
         runs[mode] = (metrics, [p.detach().clone() for p in model.policy.parameters()])
-    (store_metrics, store_params), (recompute_metrics, recompute_params) = runs["store"], runs["recompute"]
-    assert store_metrics.keys() == recompute_metrics.keys()
+    (store_metrics, store_params), (other_metrics, other_params) = runs["store"], runs[mode]
+    assert store_metrics.keys() == other_metrics.keys()
     assert store_metrics["train/kl_loss"] != 0
     for key, value in store_metrics.items():
-        assert recompute_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-    for a, b in zip(store_params, recompute_params):
+        assert other_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    for a, b in zip(store_params, other_params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_unknown_mode_is_rejected(tiny_lm_path):
+def test_memory_formulas_of_every_mode():
+    """Doubling the minibatch's positions doubles the update's vocabulary-wide memory in ``store``
+    and ``recompute`` and leaves ``hidden``'s (one chunk) unchanged; ``hidden``'s buffer is V / d
+    times smaller than ``store``'s and ``recompute`` keeps none."""
+    sizes = dict(n=24, t=16, vocab=49_152, hidden_size=576, b=8, chunk=64)
+    for mode in ("store", "recompute", "hidden"):
+        small, large = memory_bytes(mode, **sizes), memory_bytes(mode, **{**sizes, "b": 16})
+        assert large["update"] == (small["update"] if mode == "hidden" else 2 * small["update"])
+    store, recompute, hidden = (memory_bytes(mode, **sizes)["buffer"] for mode in ("store", "recompute", "hidden"))
+    assert recompute == 0 and store == hidden * 49_152 // 576
     with pytest.raises(ValueError, match="ref_logits must be one of"):
-        make_model(tiny_lm_path, make_env(tiny_lm_path), ref_logits="disk")
+        memory_bytes("disk", **sizes)

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_public_api():
     assert set(kl_estimators.__all__) == {
         "ESTIMATORS", "ESTIMATOR_INFO", "GRADIENT_QUANTITIES", "AdaptiveKLController", "EstimatorInfo",
-        "FixedKLController", "analytic", "k1", "k2", "k3", "per_token_kl_loss", "sequence_kl_loss",
+        "FixedKLController", "FusedKL", "LinearLogits", "analytic", "fused_kl", "k1", "k2", "k3",
+        "per_token_kl_loss", "sequence_kl_loss",
     }
     assert all(hasattr(kl_estimators, name) for name in kl_estimators.__all__)
     assert kl_estimators.ESTIMATORS == (

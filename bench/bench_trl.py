@@ -1,0 +1,166 @@
+"""PPOKL's iteration (``--ref-logits hidden`` and ``store``) against TRL's GRPOTrainer on the same work.
+
+One process, alternating: every GRPOTrainer step is followed (in a ``TrainerCallback``) by one
+PPOKL iteration per mode, so load from other processes hits all contenders alike.
+
+- ``PPOKL hidden``: ``collect_rollouts`` + ``train`` of the config (demo: analytic KL reward and
+  analytic gradient) with pi_ref's hidden states stored and the update's KL fused;
+- ``PPOKL store``: the same model with pi_ref's logits stored (today's default path);
+- ``TRL GRPOTrainer`` (the installed ``trl``, 1.16.0 in the lock's ``frameworks`` extra): one
+  ``train`` step (generate, reward, reference forward, loss, backward, optimizer step) on
+  ``n_envs`` completions as ``n_envs / generations`` prompts x ``generations``, at most
+  ``max_new_tokens`` tokens each, the config's prompts (truncated to ``max_prompt_tokens``) and
+  reward, ``beta = kl_coef``, float32, ``adamw_torch_fused``, constant learning rate, no gradient
+  checkpointing, no vLLM, on CPU.
+
+The first round is a warm-up; the table gives medians (min-max) of the others.
+
+    python bench/bench_trl.py [--config configs/demo.yaml] [--rounds 8] [--threads 1] [any agents.ppo_kl flag]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.logger import Logger
+
+from agents.algorithm import PPOKL
+from agents.config import Args, parse_args
+from agents.ppo_kl import build_model, make_envs
+from lmgym.assets import load_tokenizer, resolve
+
+MODES = ("hidden", "store")
+
+
+def ppokl_iteration(model: PPOKL, callback: CallbackList, mode: str) -> tuple[float, float]:
+    """Seconds of one rollout and one update of ``model`` with pi_ref's ``mode``."""
+    model.ref_logits = mode
+    model.rollout_buffer.store_ref_logits = mode == "store"
+    start = time.perf_counter()
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    middle = time.perf_counter()
+    model.train()
+    return middle - start, time.perf_counter() - middle
+
+
+def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_step_end):
+    """A GRPOTrainer doing one PPOKL iteration's work per step; ``on_step_end()`` runs after each."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    if args.n_envs % generations:
+        raise SystemExit(f"--n-envs ({args.n_envs}) must be a multiple of --generations ({generations})")
+    task = env.venv.task
+    rng = np.random.default_rng(args.seed)
+    prompts = [task.decode(task.sample_prompt(rng)[1]) for _ in range(rounds * args.n_envs // generations)]
+
+    def reward(prompts, completions, **kwargs) -> list[float]:
+        return [float(x) for x in task.score(list(completions))]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, *a, **k):
+            gc.collect()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.seconds.append(time.perf_counter() - self.start)
+            on_step_end()
+
+    config = GRPOConfig(
+        output_dir=out,
+        use_cpu=True,
+        per_device_train_batch_size=args.n_envs,
+        num_generations=generations,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        beta=args.kl_coef,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        optim="adamw_torch_fused",
+        weight_decay=0.0,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        model_init_kwargs={"dtype": torch.float32},
+        max_steps=rounds,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        disable_tqdm=True,
+    )
+    timer = Timer()
+    trainer = GRPOTrainer(
+        model=resolve(args.model),
+        reward_funcs=reward,
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=load_tokenizer(args.model),
+        callbacks=[timer],
+    )
+    return trainer, timer
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of all contenders (the first is warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--generations", type=int, default=4, help="GRPO completions per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    options, run_flags = parser.parse_known_args(argv)
+    if options.rounds < 2:
+        raise SystemExit("--rounds must be >= 2 (the first is a warm-up)")
+    torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    args = parse_args(["--config", options.config, "--eval-every", "0", "--seed", str(options.seed), *run_flags])
+    env, _ = make_envs(args)
+    model = build_model(args, env, out=None, resume=False)  # type: ignore[arg-type]
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    _, callback = model._setup_learn(10**9, CallbackList([]))
+    callback.on_training_start(locals(), globals())
+    ppokl: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
+
+    def ppokl_round() -> None:
+        for mode in MODES:
+            gc.collect()
+            ppokl[mode].append(ppokl_iteration(model, callback, mode))
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer, timer = grpo_trainer(args, env, options.rounds, options.generations, out, ppokl_round)
+        trainer.train()
+    rows = {f"PPOKL {mode}": [r + u for r, u in times[1:]] for mode, times in ppokl.items()}
+    rows["TRL GRPOTrainer"] = timer.seconds[1:]
+    import trl
+
+    print(f"\n{options.config}: {args.n_envs} completions of <= {args.max_new_tokens} tokens per iteration "
+          f"(GRPO: {args.n_envs // options.generations} prompts x {options.generations}), prompts <= "
+          f"{args.max_prompt_tokens} tokens, {args.n_epochs} PPO epoch(s); trl {trl.__version__}; torch threads "
+          f"{torch.get_num_threads()}; medians (min-max) of {options.rounds - 1} alternating rounds after 1 warm-up\n")
+    print("| contender | iteration (s) | rollout (s) | update (s) | / TRL |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    trl_median = statistics.median(rows["TRL GRPOTrainer"])
+    for mode, times in ppokl.items():
+        measured = times[1:]
+        print(f"| PPOKL {mode} | {spread(rows[f'PPOKL {mode}'])} | {spread([r for r, _ in measured])} | "
+              f"{spread([u for _, u in measured])} | {statistics.median(rows[f'PPOKL {mode}']) / trl_median:.2f} |")
+    print(f"| TRL GRPOTrainer | {spread(rows['TRL GRPOTrainer'])} | - | - | 1.00 |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Every script in bench/ runs end to end at tiny sizes (tiny local models, a few tokens), so a
+benchmark the docs cite cannot stop running unnoticed. Each prints its Markdown table; the
+tests check that the table is there, not any number (timings are machine-dependent)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def run_script(name: str, *flags: str, timeout: int = 600) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / name), *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_lm_path, tmp_path_factory) -> Path:
+    """A run config of the tiny Llama: 4 envs x (8 prompt + 3 new) tokens, one epoch, one iteration."""
+    config = {
+        "model": tiny_lm_path, "reward": "vader", "dataset": "bundled", "analytic_grad": True,
+        "kl_reward": "analytic", "kl_coef": 0.1, "n_envs": 4, "max_prompt_tokens": 8, "max_new_tokens": 3,
+        "n_epochs": 1, "batch_size": 6, "learning_rate": 1e-3, "iters": 1, "eval_every": 1, "eval_prompts": 2,
+        "save_every": 1,
+    }  # fmt: skip
+    path = tmp_path_factory.mktemp("bench_config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_every_bench_script_has_a_smoke_test():
+    tested = {"bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_memory.py", "bench_ranks.py",
+              "bench_trl.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
+    assert {path.name for path in BENCH.glob("*.py")} == tested
+
+
+def test_bench_fused_small():
+    out = run_script("bench_fused.py", "--small")
+    assert "| 300 | 16 | 2 x 3 | unfused |" in out and "| 300 | 16 | 2 x 3 | fused |" in out
+
+
+def test_bench_fused_marks_what_does_not_fit():
+    out = run_script("bench_fused.py", "--small", "--max-gb", "0", "--modes", "unfused")
+    assert "does not fit" in out
+
+
+def test_bench_kl_small():
+    out = run_script("bench_kl.py", "--small")
+    assert out.count("| 50 | 2 x 3 |") == 6
+
+
+def test_bench_env(tiny_lm_path):
+    out = run_script("bench_env.py", "--model", tiny_lm_path, "--num-envs", "2", "--max-new-tokens", "2", "--naive-samples", "2")
+    assert "| vector env, N=2" in out
+
+
+def test_bench_memory(tiny_lm_path):
+    out = run_script("bench_memory.py", "--model", tiny_lm_path, "--n-envs", "2", "--max-new-tokens", "2",
+                     "--batch-size", "2", "--repeats", "1")  # fmt: skip
+    for mode in ("store", "recompute", "hidden"):
+        assert f"| {mode} |" in out
+
+
+def test_bench_ranks(tiny_lm_path):
+    out = run_script("bench_ranks.py", "--model", tiny_lm_path, "--total-envs", "2", "--ranks", "1", "2", "--iters", "1",
+                     "--max-new-tokens", "2", "--batch-size", "2", "--allreduce-elements", "1000")  # fmt: skip
+    assert "| 1 | 2 |" in out and "| 2 | 1 |" in out
+
+
+def test_bench_iteration(tiny_config):
+    out = run_script("bench_iteration.py", "--config", str(tiny_config), "--rounds", "2")
+    assert "| PPOKL analytic |" in out and "| HF baseline |" in out
+
+
+def test_bench_iteration_hidden(tiny_config):
+    out = run_script("bench_iteration.py", "--config", str(tiny_config), "--rounds", "2", "--ref-logits", "hidden")
+    assert "| PPOKL analytic |" in out
+
+
+def test_profile_iteration(tiny_config):
+    out = run_script("profile_iteration.py", "--config", str(tiny_config), "--iters", "1", "--warmup", "0",
+                     "--torch-profile", "--ref-logits", "hidden")  # fmt: skip
+    assert "| **total** |" in out and "update: fused output layers" in out
+
+
+def test_compare_kl_variants(tiny_config, tmp_path):
+    out = run_script("compare_kl_variants.py", "--config", str(tiny_config), "--out", str(tmp_path), "--iters", "1")
+    for variant in ("k1 reward (RL4LMs)", "analytic reward", "k1 reward + analytic grad", "analytic reward + analytic grad"):
+        assert f"\n| {variant} |" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl (the frameworks extra) is not installed")
+def test_bench_trl(tiny_config):
+    out = run_script("bench_trl.py", "--config", str(tiny_config), "--rounds", "2", "--generations", "2")
+    assert "| PPOKL hidden |" in out and "| PPOKL store |" in out and "| TRL GRPOTrainer |" in out
