@@ -35,6 +35,7 @@ class SequenceBatch:
     old_values: torch.Tensor  # [b, T]
     advantages: torch.Tensor  # [b, T]
     returns: torch.Tensor  # [b, T]
+    action_masks: torch.Tensor | None = None  # [b, T, V] bool allowed tokens, None when unmasked
 
 
 class SequenceRolloutBuffer:
@@ -73,6 +74,7 @@ class SequenceRolloutBuffer:
         self.analytic_kl = torch.zeros(n, t)
         self.ref_logits = torch.zeros(n, t, v) if self.store_ref_logits else None
         self.task_rewards = torch.zeros(n)
+        self.action_masks: torch.Tensor | None = None  # [n, t, V] bool, allocated by the first masked step
         self.n_steps = 0
 
     def add(self, step: SampledStep) -> None:
@@ -89,6 +91,10 @@ class SequenceRolloutBuffer:
         self.analytic_kl[:, t] = step.analytic_kl * active
         if self.ref_logits is not None:
             self.ref_logits[:, t] = step.ref_logits
+        if step.action_masks is not None:
+            if self.action_masks is None:
+                self.action_masks = torch.ones(self.n_envs, self.max_steps, self.vocab_size, dtype=torch.bool)
+            self.action_masks[:, t] = step.action_masks | ~active.unsqueeze(-1)  # padding rows: no mask
         finished = active & torch.as_tensor(step.dones)
         self.task_rewards = torch.where(finished, torch.as_tensor(step.rewards, dtype=torch.float32), self.task_rewards)
         self.n_steps += 1
@@ -105,7 +111,7 @@ class SequenceRolloutBuffer:
 
     def _truncate(self) -> None:
         t = self.n_steps
-        for name in ("actions", "mask", "logprobs", "ref_logprobs", "values", "analytic_kl", "ref_logits"):
+        for name in ("actions", "mask", "logprobs", "ref_logprobs", "values", "analytic_kl", "ref_logits", "action_masks"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[:, :t])
 
@@ -124,6 +130,7 @@ class SequenceRolloutBuffer:
             old_values=self.values[indices].to(self.device),
             advantages=self.advantages[indices].to(self.device),
             returns=self.returns[indices].to(self.device),
+            action_masks=None if self.action_masks is None else self.action_masks[indices].to(self.device),
         )
 
     def get(self, sequences_per_batch: int, generator: torch.Generator | None = None) -> Iterator[SequenceBatch]:

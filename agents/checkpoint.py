@@ -10,7 +10,8 @@ are stored once; ``aliases`` maps the other names to the stored one.
 Loading builds a fresh ``PPOKL`` from the settings on the given env (which reloads the base model
 named in ``policy_kwargs``), then copies the tensors and counters in. Settings that are not JSON
 (a callable learning-rate schedule, an optimizer class) are not stored and must be passed again
-to ``load``. A stable-baselines3 zip (whose ``data`` member is pickled and can run code when
+to ``load``. NLPO's masking policy (``PPOKL.masking_lm``, the policy as of its last sync) is stored
+under ``masking_policy.``. A stable-baselines3 zip (whose ``data`` member is pickled and can run code when
 loaded) is refused.
 """
 from __future__ import annotations
@@ -98,6 +99,8 @@ def save_ppokl(model: PPOKL, path: str | Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     _add_tensors(tensors, aliases, "policy.", model.policy.state_dict())
+    if getattr(model, "masking_lm", None) is not None:  # NLPO's masking policy (not re-derivable)
+        _add_tensors(tensors, aliases, "masking_policy.", model.masking_lm.state_dict())
     optimizer = model.policy.optimizer.state_dict()
     optimizer_scalars: dict[str, dict[str, Any]] = {}
     for index, state in optimizer["state"].items():
@@ -167,6 +170,12 @@ def load_ppokl(cls: type[PPOKL], path: str | Path, env: LMGymVecEnv, device: tor
         model.policy.load_state_dict(_named(tensors, aliases, "policy."), strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit the policy built from its settings: {error}") from None
+    masking_policy = _named(tensors, aliases, "masking_policy.")
+    if masking_policy:
+        try:
+            model.restore_masking_policy(masking_policy)
+        except RuntimeError as error:
+            raise CheckpointError(f"{path}: its masking policy does not fit the policy built from its settings: {error}") from None
     per_param: dict[int, dict[str, Any]] = {}
     for name, tensor in _named(tensors, aliases, "optimizer.").items():
         index, key = name.split(".", 1)

@@ -8,6 +8,11 @@ end), ``curves.png``, ``args.json`` and SB3's CSV and TensorBoard logs. ``--resu
 the run from its checkpoint exactly: the rows written after it are dropped, and the resumed
 iterations reproduce those of an uninterrupted run with the same seed.
 
+NLPO (PPO with the actions restricted to the top-p nucleus of a masking policy that is a copy of
+the policy synced every few iterations; see ``agents.masking``):
+
+    python -m agents.ppo_kl --config configs/nlpo_demo.yaml --out runs/nlpo
+
 Data-parallel on W processes (``--n-envs`` per rank; rank 0 writes; see ``agents.distributed``):
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m agents.ppo_kl --n-envs 5 --out runs/ddp
@@ -102,6 +107,9 @@ def build_model(args: Args, env: LMGymVecEnv, out: Path, resume: bool) -> PPOKL:
         analytic_grad=args.analytic_grad,
         kl_loss=args.kl_loss,
         ref_logits=args.ref_logits,
+        mask_top_k=args.mask_top_k,
+        mask_top_p=args.mask_top_p,
+        mask_sync_every=args.mask_sync_every,
         policy_kwargs={
             "model": args.model,
             "vf_learning_rate": args.vf_learning_rate,
