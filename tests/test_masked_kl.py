@@ -261,3 +261,18 @@ def test_masked_policy_against_an_unmasked_behaviour_is_an_error(estimator):
     logp, ref_logp = masked.logprobs()
     with pytest.raises(ValueError, match="logprobs is -inf at .* generated token"):
         per_token_kl_loss(estimator, logp, ref_logp, masked.mask, logits, ref_logits, behaviour_logprobs=masked.behaviour_logprobs())
+
+
+@settings(deadline=None, max_examples=30)
+@given(case=masked_cases(behaviour=False))
+def test_masked_kl_has_a_floor_set_by_the_mask(case):
+    """KL_t(pi^M || pi_ref) >= -log pi_ref(M(s_t)) at every position, with equality when pi^M is pi_ref
+    restricted to M: a mask that drops reference mass costs KL that no policy update can remove."""
+    tab, allowed = case
+    model = masked_model(tab, allowed)
+    kl = model.position_divergences()["reverse"].detach()
+    floor = -torch.log1p(-model.position_divergences()["ref_outside"])
+    assert (kl >= floor - 1e-12).all()
+    restricted_ref = tab.ref_table.masked_fill(~allowed, float("-inf"))
+    at_floor = SupportTabular(restricted_ref, tab.ref_table, tab.vocab, tab.length, allowed=allowed)
+    torch.testing.assert_close(at_floor.position_divergences()["reverse"], -torch.log1p(-at_floor.position_divergences()["ref_outside"]), **EXACT)
