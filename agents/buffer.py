@@ -59,6 +59,7 @@ class SequenceRolloutBuffer:
         self.device = torch.device(device)
         self.gamma = gamma
         self.gae_lambda = gae_lambda
+        self.action_masks: torch.Tensor | None = None  # [n, t, V] bool, allocated by the first masked step
         self.n_steps = 0
 
     def reset(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
@@ -74,7 +75,7 @@ class SequenceRolloutBuffer:
         self.analytic_kl = torch.zeros(n, t)
         self.ref_logits = torch.zeros(n, t, v) if self.store_ref_logits else None
         self.task_rewards = torch.zeros(n)
-        self.action_masks: torch.Tensor | None = None  # [n, t, V] bool, allocated by the first masked step
+        self.action_masks = None
         self.n_steps = 0
 
     def add(self, step: SampledStep) -> None:
