@@ -20,6 +20,14 @@ KL handling (beta = ``kl_coef``):
   no [b, T, V] logits exist (``agents.reference`` gives the memory formulas).
 - ``kl_loss``: GRPO-style autodiff of a sampled estimate (k1/k2/k3-loss), for study; their biases
   are documented in ``kl_estimators.gradients``.
+
+Action masks (``agents.masking``): with ``mask_top_k`` / ``mask_top_p`` PPOKL is NLPO: at each
+step only the top-k / top-p tokens of a frozen masking policy (a copy of the policy, re-synced at
+the start of every ``mask_sync_every``-th iteration) may be sampled; an env with its own
+``action_masks()`` (lmgym's ``mask_top_k`` / ``mask_top_p``) is honoured the same way. The policy
+that writes is the masked pi^M (logits -inf outside the mask): it samples the actions, the masks
+are stored per position and re-applied in ``train``, so the ratios, the entropy and every KL term
+are those of pi^M, and the analytic KL is KL(pi^M || pi_ref) over the allowed tokens.
 """
 from __future__ import annotations
 
@@ -41,11 +49,13 @@ import kl_estimators
 from agents import distributed
 from agents.advantages import KL_REWARDS
 from agents.buffer import SequenceBatch, SequenceRolloutBuffer
+from agents.masking import EnvMasks, NucleusMasks, env_masks_enabled, frozen_copy, masked_entropy, masked_logits, sync_masking_policy
 from agents.policy import CausalLMPolicy
 from agents.reference import check_ref_logits_mode, linear_logits, reference_hidden, with_reference_logits
 from agents.sampling import sample_episodes, trim_left_padding
 from agents.training_state import check_finite, load_ppokl, save_ppokl
 from agents.vec_env import LMGymVecEnv
+from lmgym.masks import check_mask_options
 
 KL_LOSSES = ("k1-loss", "k2-loss", "k3-loss")
 
@@ -104,6 +114,9 @@ class PPOKL(PPO):
         kl_loss: str | None = None,
         kl_chunk_size: int | None = 64,
         ref_logits: str = "store",
+        mask_top_k: int | None = None,
+        mask_top_p: float | None = None,
+        mask_sync_every: int = 5,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -115,6 +128,9 @@ class PPOKL(PPO):
         self.settings = {k: v for k, v in locals().items() if k not in ("self", "env", "device", "_init_setup_model", "__class__")}
         check_kl_options(kl_reward, kl_loss, analytic_grad, kl_coef)
         check_ref_logits_mode(ref_logits)
+        check_mask_options(mask_top_k, mask_top_p)
+        if mask_sync_every < 1:
+            raise ValueError(f"mask_sync_every must be >= 1, got {mask_sync_every}")
         if kl_reward == "analytic" and not analytic_grad and kl_coef > 0:
             warnings.warn(
                 "kl_reward='analytic' without analytic_grad is a biased KL gradient: KL_t(s_t) does not "
@@ -133,6 +149,10 @@ class PPOKL(PPO):
         self.kl_loss = kl_loss
         self.kl_chunk_size = kl_chunk_size
         self.ref_logits = ref_logits
+        self.mask_top_k = mask_top_k
+        self.mask_top_p = mask_top_p
+        self.mask_sync_every = mask_sync_every
+        self.masking_lm: torch.nn.Module | None = None  # NLPO's masking policy, from the first rollout
         with warnings.catch_warnings():  # SB3 warns about flat-buffer divisibility; we batch sequences
             warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
             super().__init__(
@@ -161,8 +181,34 @@ class PPOKL(PPO):
                 device=device,
                 _init_setup_model=False,
             )
+        if self.nlpo and self.env is not None and env_masks_enabled(self.env):
+            raise ValueError("the env has its own action masks: do not also set mask_top_k/mask_top_p (NLPO's masking policy)")
+        if ref_logits == "hidden" and (self.nlpo or (self.env is not None and env_masks_enabled(self.env))):
+            raise ValueError("ref_logits='hidden' does not support action masks (the fused KL has no mask over the vocabulary): use 'store' or 'recompute'")
         if _init_setup_model:
             self._setup_model()
+
+    @property
+    def nlpo(self) -> bool:
+        """Whether actions are masked by NLPO's masking policy (``mask_top_k`` or ``mask_top_p``)."""
+        return self.mask_top_k is not None or self.mask_top_p is not None
+
+    def restore_masking_policy(self, state: dict[str, torch.Tensor]) -> None:
+        """Set NLPO's masking policy to a copy of the policy's LM with the weights ``state``."""
+        self.masking_lm = frozen_copy(self.policy.lm)
+        self.masking_lm.load_state_dict(state, strict=True)
+
+    def rollout_masks(self, env: VecEnv, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> NucleusMasks | EnvMasks | None:
+        """This rollout's mask source; NLPO's masking policy is created at the first rollout and
+        re-synced with the policy at the start of every ``mask_sync_every``-th iteration."""
+        if self.nlpo:
+            if self.masking_lm is None:
+                self.masking_lm = frozen_copy(self.policy.lm)
+            elif self.n_iterations % self.mask_sync_every == 0:
+                sync_masking_policy(self.masking_lm, self.policy.lm)
+            device = self.policy.device
+            return NucleusMasks(self.masking_lm, self.mask_top_k, self.mask_top_p, prompt_ids.to(device), prompt_mask.to(device))
+        return EnvMasks(env) if env_masks_enabled(env) else None
 
     @staticmethod
     def _wrap_env(env: Any, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
@@ -258,7 +304,8 @@ class PPOKL(PPO):
         rollout_buffer.reset(prompt_ids, prompt_mask)
         callback.on_rollout_start()
         start = time.perf_counter()
-        for step in sample_episodes(self.policy, env, prompt_ids, prompt_mask, n_rollout_steps):
+        masks = self.rollout_masks(env, prompt_ids, prompt_mask)
+        for step in sample_episodes(self.policy, env, prompt_ids, prompt_mask, n_rollout_steps, masks):
             self.num_timesteps += env.num_envs
             new_obs, dones = step.new_obs, step.dones
             callback.update_locals(locals())
@@ -298,6 +345,9 @@ class PPOKL(PPO):
             "rollout/gen_length": n_tokens / buffer.n_envs,
             "time/rollout_tokens_per_s": n_tokens / max(seconds, 1e-9),
         }
+        if buffer.action_masks is not None:
+            allowed = buffer.action_masks.sum(-1).float()
+            self.rollout_stats["rollout/mask_tokens"] = float((allowed * buffer.mask).sum() / max(n_tokens, 1))
         self.rollout_stats = distributed.global_rollout_stats(self.rollout_stats, summed=["time/rollout_tokens_per_s"])
         for key, value in self.rollout_stats.items():
             self.logger.record(key, value)
@@ -348,11 +398,12 @@ class PPOKL(PPO):
             logits, logprobs, entropy, kl, values = None, *self.fused_forward(batch)
         else:
             logits, values = self.policy.sequence_forward(batch.input_ids, batch.attention_mask, batch.actions.shape[1])
+            logits = masked_logits(logits, batch.action_masks)  # pi^M: the policy that sampled the batch
             log_softmax = torch.log_softmax(logits, dim=-1)
             logprobs = log_softmax.gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
             # a [B, T, V] backward for a term of weight 0 would be wasted
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.ent_coef != 0):
-                entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+                entropy = masked_entropy(log_softmax)
             kl = None
 
         advantages = batch.advantages

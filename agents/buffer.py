@@ -36,6 +36,7 @@ class SequenceBatch:
     advantages: torch.Tensor  # [b, T]
     returns: torch.Tensor  # [b, T]
     ref_hidden: torch.Tensor | None = None  # [b, T, d] pi_ref's final hidden states (ref_logits="hidden")
+    action_masks: torch.Tensor | None = None  # [b, T, V] bool allowed tokens, None when unmasked
 
 
 class SequenceRolloutBuffer:
@@ -60,6 +61,7 @@ class SequenceRolloutBuffer:
         self.device = torch.device(device)
         self.gamma = gamma
         self.gae_lambda = gae_lambda
+        self.action_masks: torch.Tensor | None = None  # [n, t, V] bool, allocated by the first masked step
         self.n_steps = 0
 
     def reset(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
@@ -76,6 +78,7 @@ class SequenceRolloutBuffer:
         self.ref_logits = torch.zeros(n, t, v) if self.store_ref_logits else None
         self.ref_hidden = None
         self.task_rewards = torch.zeros(n)
+        self.action_masks = None
         self.n_steps = 0
 
     def add(self, step: SampledStep) -> None:
@@ -92,6 +95,10 @@ class SequenceRolloutBuffer:
         self.analytic_kl[:, t] = step.analytic_kl * active
         if self.ref_logits is not None:
             self.ref_logits[:, t] = step.ref_logits
+        if step.action_masks is not None:
+            if self.action_masks is None:
+                self.action_masks = torch.ones(self.n_envs, self.max_steps, self.vocab_size, dtype=torch.bool)
+            self.action_masks[:, t] = step.action_masks | ~active.unsqueeze(-1)  # padding rows: no mask
         finished = active & torch.as_tensor(step.dones)
         self.task_rewards = torch.where(finished, torch.as_tensor(step.rewards, dtype=torch.float32), self.task_rewards)
         self.n_steps += 1
@@ -108,7 +115,7 @@ class SequenceRolloutBuffer:
 
     def _truncate(self) -> None:
         t = self.n_steps
-        for name in ("actions", "mask", "logprobs", "ref_logprobs", "values", "analytic_kl", "ref_logits"):
+        for name in ("actions", "mask", "logprobs", "ref_logprobs", "values", "analytic_kl", "ref_logits", "action_masks"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[:, :t])
 
@@ -128,6 +135,7 @@ class SequenceRolloutBuffer:
             advantages=self.advantages[indices].to(self.device),
             returns=self.returns[indices].to(self.device),
             ref_hidden=None if self.ref_hidden is None else self.ref_hidden[indices].to(self.device),
+            action_masks=None if self.action_masks is None else self.action_masks[indices].to(self.device),
         )
 
     def get(self, sequences_per_batch: int, generator: torch.Generator | None = None) -> Iterator[SequenceBatch]:

@@ -47,6 +47,10 @@ class Args:
     analytic_grad: bool = _arg(False, "add the exact per-position KL to the loss and drop the current token's KL from its advantage")
     kl_loss: str | None = _arg(None, "GRPO-style autodiff KL loss, for study", choices=KL_LOSSES)
     ref_logits: str = _arg("store", "reference logits for the analytic KL: 'store' [N, T, V] from the rollout, 'recompute' per minibatch (no storage, one extra reference forward), or 'hidden' (store pi_ref's [N, T, d] hidden states; the update computes the KL fused, with no [b, T, V] logits)", choices=REF_LOGITS_MODES)
+    # NLPO action masks (agents.masking)
+    mask_top_k: int | None = _arg(None, "NLPO: sample only the top-k tokens of the masking policy (a frozen, periodically synced copy of the policy)")
+    mask_top_p: float | None = _arg(None, "NLPO: sample only the top-p nucleus of the masking policy (RL4LMs: 0.9)")
+    mask_sync_every: int = _arg(5, "NLPO: copy the policy into the masking policy every N iterations")
     # PPO
     learning_rate: float = _arg(1e-6, "learning rate of the language model")
     vf_learning_rate: float = _arg(1e-4, "learning rate of the value head")
@@ -258,7 +262,7 @@ def _out_error(out: str) -> str | None:
 def validate(args: Args) -> list[str]:
     """Every out-of-range flag, checked before any model is loaded."""
     errors = []
-    for name in ("max_prompt_tokens", "max_new_tokens", "n_envs", "iters", "n_epochs", "batch_size", "eval_prompts", "save_every", "kl_horizon"):
+    for name in ("max_prompt_tokens", "max_new_tokens", "n_envs", "iters", "n_epochs", "batch_size", "eval_prompts", "save_every", "kl_horizon", "mask_sync_every"):
         if getattr(args, name) < 1:
             errors.append(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     for name in ("learning_rate", "vf_learning_rate", "clip_range", "max_grad_norm"):
@@ -280,6 +284,10 @@ def validate(args: Args) -> list[str]:
         errors.append(str(error))
     if args.target_kl is not None and not args.target_kl > 0:
         errors.append(f"--target-kl must be > 0, got {args.target_kl}")
+    if args.mask_top_k is not None and args.mask_top_k < 1:
+        errors.append(f"--mask-top-k must be >= 1, got {args.mask_top_k}")
+    if args.mask_top_p is not None and not 0 < args.mask_top_p <= 1:
+        errors.append(f"--mask-top-p must be in (0, 1], got {args.mask_top_p}")
     if args.lora_rank < 0:
         errors.append(f"--lora-rank must be >= 0, got {args.lora_rank}")
     errors.extend(error for error in (device_error(args.device), _out_error(args.out)) if error)

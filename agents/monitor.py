@@ -20,6 +20,7 @@ LOGGED = (
     "rollout/kl_in_reward",
     "rollout/kl_coef",
     "rollout/gen_length",
+    "rollout/mask_tokens",
     "train/policy_gradient_loss",
     "train/value_loss",
     "train/entropy_loss",

@@ -11,6 +11,11 @@ the rows written after it are dropped, the resumed iterations reproduce those of
 uninterrupted run with the same seed, and the finish steps (``agents.finish``) are completed.
 Errors are one line and exit 2; Ctrl-C is one line and exit 130 (docs/reliability.md).
 
+NLPO (PPO with the actions restricted to the top-p nucleus of a masking policy that is a copy of
+the policy synced every few iterations; see ``agents.masking``):
+
+    python -m agents.ppo_kl --config configs/nlpo_demo.yaml --out runs/nlpo
+
 Data-parallel on W processes (``--n-envs`` per rank; rank 0 writes; see ``agents.distributed``):
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m agents.ppo_kl --n-envs 5 --out runs/ddp
@@ -114,6 +119,9 @@ def ppokl_settings(args: Args) -> dict:
         analytic_grad=args.analytic_grad,
         kl_loss=args.kl_loss,
         ref_logits=args.ref_logits,
+        mask_top_k=args.mask_top_k,
+        mask_top_p=args.mask_top_p,
+        mask_sync_every=args.mask_sync_every,
         policy_kwargs={
             "model": args.model,
             "vf_learning_rate": args.vf_learning_rate,

@@ -3,17 +3,23 @@
 Each step costs one policy forward of length 1 for the whole batch (the prompt is encoded once).
 pi_ref's logits at every state come from the env, per step or in one forward after sampling, and
 the exact per-position KL is computed here.
+
+With action masks (``agents.masking``) the policy that samples is the masked pi^M: its logits are
+-inf outside the mask, the action and its log-prob come from sb3-contrib's ``MaskableCategorical``,
+the mask is stored with the step, and the analytic KL is KL(pi^M(.|s_t) || pi_ref(.|s_t)).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from sb3_contrib.common.maskable.distributions import MaskableCategorical
 
 import kl_estimators
+from agents.masking import masked_logits
 from agents.policy import CausalLMPolicy
 from agents.vec_env import LMGymVecEnv
 from lmgym.decoding import IncrementalDecoder
@@ -44,6 +50,7 @@ class SampledStep:
     ref_logits: torch.Tensor | None = None  # [N, V] pi_ref logits at s_t
     ref_logprobs: torch.Tensor | None = None  # [N] log pi_ref(a_t | s_t)
     analytic_kl: torch.Tensor | None = None  # [N] KL(pi(.|s_t) || pi_ref(.|s_t))
+    action_masks: torch.Tensor | None = None  # [N, V] bool allowed tokens at s_t, None if unmasked
 
     def with_reference(self, logits: torch.Tensor, ref_logits: torch.Tensor) -> SampledStep:
         """This step with pi_ref's terms, from the policy's and pi_ref's logits [N, V] at s_t."""
@@ -54,19 +61,29 @@ class SampledStep:
         return self
 
 
+class StepMasks(Protocol):
+    """Action masks along a rollout: ``current()`` bool [N, V] at s_t, ``advance(a_t)`` to s_{t+1}."""
+
+    def current(self) -> torch.Tensor: ...
+
+    def advance(self, actions: torch.Tensor) -> None: ...
+
+
 def sample_episodes(
     policy: CausalLMPolicy,
     env: LMGymVecEnv,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_steps: int,
+    masks: StepMasks | None = None,
 ) -> Iterator[SampledStep]:
     """Step ``env`` (at the start of an episode in every sub-env, whose prompts are given) until
     every env has finished that episode or ``max_steps`` steps were taken.
 
     pi_ref's logits come from the env's info at each step (each step is yielded as it is taken) or,
     for an env built with ``step_ref_logits=False``, from one reference forward over the sampled
-    sequences after the last step (the steps are yielded then).
+    sequences after the last step (the steps are yielded then). ``masks``: sample from the masked
+    policy (module docstring).
     """
     device = policy.device
     per_step_ref = env.venv.step_ref_logits
@@ -79,7 +96,12 @@ def sample_episodes(
         with torch.no_grad():
             logits = out.logits.float().cpu()
             values = policy.values_from_hidden(out.hidden).cpu()
-            dist = torch.distributions.Categorical(logits=logits)
+            if masks is None:
+                step_masks, dist = None, torch.distributions.Categorical(logits=logits)
+            else:
+                step_masks = masks.current()
+                dist = MaskableCategorical(logits=logits, masks=step_masks)
+                logits = masked_logits(logits, step_masks)
             actions = dist.sample()
         new_obs, rewards, dones, infos = env.step(actions.numpy())
         step = SampledStep(
@@ -91,6 +113,7 @@ def sample_episodes(
             dones=dones,
             infos=infos,
             new_obs=new_obs,
+            action_masks=step_masks,
         )
         if per_step_ref:
             yield step.with_reference(logits, ref_logits)
@@ -100,6 +123,8 @@ def sample_episodes(
         if not active.any() or t + 1 == max_steps:
             break
         out = decoder.append(actions.to(device))
+        if masks is not None:
+            masks.advance(actions)
     if pending:
         ref_logits = reference_logits(env, prompt_ids, prompt_mask, [step for step, _ in pending])
         for t, (step, logits) in enumerate(pending):

@@ -6,7 +6,8 @@ from the stored settings on the given env (which reloads the base model named in
 ``policy_kwargs``), checks that it is the same model (config hash, vocabulary) and that every
 tensor fits, then assigns the typed counters, optimizer state and RNG states. Settings that are
 not JSON (a callable learning-rate schedule, an optimizer class) are not stored and must be
-passed again to ``load``.
+passed again to ``load``. NLPO's masking policy (``PPOKL.masking_lm``, the policy as of its last
+sync) is stored under ``masking_policy.``.
 """
 from __future__ import annotations
 
@@ -126,6 +127,8 @@ def save_ppokl(model: PPO, path: str | Path, run: Mapping[str, Any] | None = Non
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     _add_tensors(tensors, aliases, "policy.", model.policy.state_dict())
+    if getattr(model, "masking_lm", None) is not None:  # NLPO's masking policy (not re-derivable)
+        _add_tensors(tensors, aliases, "masking_policy.", model.masking_lm.state_dict())
     optimizer = model.policy.optimizer.state_dict()
     optimizer_scalars: dict[str, dict[str, Any]] = {}
     for index, state in optimizer["state"].items():
@@ -222,6 +225,12 @@ def load_ppokl(cls: type[PPO], path: str | Path, env: Any, device: torch.device 
         model.policy.load_state_dict(_named(tensors, meta.aliases, "policy.", path), strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit the policy built from its settings: {' '.join(str(error).split())}") from None
+    masking_policy = _named(tensors, meta.aliases, "masking_policy.", path)
+    if masking_policy:
+        try:
+            model.restore_masking_policy(masking_policy)
+        except RuntimeError as error:
+            raise CheckpointError(f"{path}: its masking policy does not fit the policy built from its settings: {' '.join(str(error).split())}") from None
     optimizer_state = _optimizer_state(model, meta, tensors, path)
     try:
         model.policy.optimizer.load_state_dict(optimizer_state)

@@ -89,7 +89,11 @@ class LMGymVecEnv(VecEnv):
         setattr(self.venv, attr_name, value)
 
     def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+        """The batched env's method once; ``action_masks`` (bool [N, V]) is split into sub-env rows,
+        so sb3-contrib's ``get_action_masks`` stacks them back to [N, V]."""
         result = getattr(self.venv, method_name)(*method_args, **method_kwargs)
+        if method_name == "action_masks":
+            return [result[i] for i in self._get_indices(indices)]
         return [result for _ in self._get_indices(indices)]
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:

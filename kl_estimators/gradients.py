@@ -144,6 +144,25 @@ _TERMS: dict[str, Callable[[_Batch], torch.Tensor]] = {
 ESTIMATORS: tuple[str, ...] = tuple(_TERMS)  # the order of ESTIMATOR_INFO (checked by the tests)
 
 
+def _check_support(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor | None, mask: torch.Tensor) -> None:
+    """ValueError where a generated token has log-prob -inf under pi or mu.
+
+    A masked policy pi^M (logits -inf outside its mask) scored on tokens that a behaviour policy
+    sampled outside that mask has pi^M(y_t) = 0: its importance weight is 0 and every log-ratio
+    term is -inf or NaN. The unbiased rule would give those sequences weight 0, but it silently
+    hides a rollout/update mask mismatch, so it is an error: re-apply the rollout's masks (as
+    PPOKL does) so that pi^M and mu share their support, or drop those sequences.
+    """
+    for name, values in (("logprobs", logprobs), ("behaviour_logprobs", behaviour_logprobs)):
+        if values is not None and bool(torch.isneginf(values.detach()[mask]).any()):
+            count = int(torch.isneginf(values.detach()[mask]).sum())
+            raise ValueError(
+                f"{name} is -inf at {count} generated token(s): a sampled token has zero probability under that "
+                "policy (a masked policy scored on tokens sampled outside its mask?); re-apply the rollout's "
+                "action masks or drop those sequences"
+            )
+
+
 def _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, behaviour_logprobs, importance, kl) -> None:
     if estimator not in _TERMS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -154,6 +173,7 @@ def _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, b
     if mask is None:
         raise ValueError("mask is required: a bool [B, T] tensor, True at generated tokens")
     check_mask(mask, logprobs.shape)
+    _check_support(logprobs, behaviour_logprobs, mask)
     info = ESTIMATOR_INFO[estimator]
     if importance is not None and importance not in IMPORTANCE:
         raise ValueError(f"importance must be None or one of {IMPORTANCE}, got {importance!r}")

@@ -12,6 +12,12 @@ score of the continuation.
   returned observation, so an agent can compute any KL estimator against ``pi_ref``;
 - ``ref_logprob`` (``step`` only): ``log pi_ref(action | previous observation)``;
 - ``prompt`` (``reset`` and the last step), ``continuation`` and ``sentiment`` (last step).
+
+``action_masks()`` (sb3-contrib's convention): bool ``(vocab,)``, True where a token is allowed at
+the current observation: the top-k / top-p tokens of the masking distribution (``mask_top_k``,
+``mask_top_p``; the reference model's by default, or ``mask_model`` / ``mask_logits_fn``: see
+``lmgym.masks``). Without ``mask_top_k`` and ``mask_top_p`` every token is allowed. ``step``
+does not enforce the mask: the agent samples within it.
 """
 
 from __future__ import annotations
@@ -21,14 +27,25 @@ import numpy as np
 import torch
 
 from lmgym.decoding import IncrementalDecoder
+from lmgym.masks import ActionMasker, LogitsFn
 from lmgym.task import ContinuationTask, log_prob
 
 
 class IMDBContinuationEnv(gym.Env):
     metadata = {"render_modes": ["ansi"]}
 
-    def __init__(self, render_mode: str | None = None, **task_kwargs):
-        """Keyword arguments are those of ``lmgym.task.ContinuationTask`` (model, ref_model, ...)."""
+    def __init__(
+        self,
+        render_mode: str | None = None,
+        mask_top_k: int | None = None,
+        mask_top_p: float | None = None,
+        mask_model: torch.nn.Module | None = None,
+        mask_logits_fn: LogitsFn | None = None,
+        **task_kwargs,
+    ):
+        """``mask_*``: the action masks (module docstring). Other keyword arguments are those of
+        ``lmgym.task.ContinuationTask`` (model, ref_model, ...)."""
+        self.masker = ActionMasker(mask_top_k, mask_top_p, mask_model, mask_logits_fn)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
@@ -70,6 +87,18 @@ class IMDBContinuationEnv(gym.Env):
             reward = float(self.task.score([continuation])[0])
             info.update(prompt=self.prompt, continuation=continuation, sentiment=reward)
         return self._obs(), reward, terminated, truncated, info
+
+    def action_masks(self) -> np.ndarray:
+        """bool ``(vocab,)``: the tokens allowed at the current observation (module docstring)."""
+        if self.ref_logits is None:
+            raise RuntimeError("call reset() before action_masks()")
+        if not self.masker.enabled:
+            return np.ones(self.action_space.n, dtype=bool)
+        if self.masker.uses_reference:
+            logits = self.ref_logits[None]
+        else:
+            logits = self.masker.masking_logits(*self.task.batch([self.tokens]))
+        return self.masker.masks(logits)[0].cpu().numpy()
 
     def render(self):
         if self.render_mode == "ansi":

@@ -25,6 +25,11 @@ scores its rollout after sampling, like PPOKL), the env runs no reference forwar
 infos carry neither ``ref_logits`` nor ``ref_logprob``; ``reference_logits`` gives pi_ref's logits
 over a batch of sequences in one forward.
 
+``action_masks()`` (sb3-contrib's convention): bool ``(N, vocab)``, row i the tokens allowed at
+sub-env i's current observation, from ``mask_top_k`` / ``mask_top_p`` of the reference model's
+logits (computed by one reference forward when ``step_ref_logits=False``) or of ``mask_model`` /
+``mask_logits_fn`` (``lmgym.masks``); all True without ``mask_top_k`` and ``mask_top_p``.
+
 Seeding: ``reset(seed=s)`` seeds one generator (``self.np_random``) from which all sub-envs draw
 their prompts in order, so a seed fixes the whole sequence of prompts.
 """
@@ -37,6 +42,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from lmgym.decoding import IncrementalDecoder, forward_last
+from lmgym.masks import ActionMasker, LogitsFn, next_token_logits
 from lmgym.task import ContinuationTask, log_prob
 
 
@@ -49,10 +55,16 @@ class IMDBContinuationVectorEnv(VectorEnv):
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
         step_ref_logits: bool = True,
+        mask_top_k: int | None = None,
+        mask_top_p: float | None = None,
+        mask_model: torch.nn.Module | None = None,
+        mask_logits_fn: LogitsFn | None = None,
         **task_kwargs,
     ):
-        """``step_ref_logits``: put pi_ref's logits and log-probs in every step's info (see the
-        module docstring). Other keyword arguments are those of ``lmgym.task.ContinuationTask``."""
+        """``step_ref_logits``: put pi_ref's logits and log-probs in every step's info; ``mask_*``:
+        the action masks (see the module docstring). Other keyword arguments are those of
+        ``lmgym.task.ContinuationTask``."""
+        self.masker = ActionMasker(mask_top_k, mask_top_p, mask_model, mask_logits_fn)
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         autoreset_mode = AutoresetMode(autoreset_mode)
@@ -169,6 +181,20 @@ class IMDBContinuationVectorEnv(VectorEnv):
         if self.step_ref_logits:
             infos["ref_logits"] = self.ref_logits.cpu().numpy()
         return self.task.observation(self.tokens), rewards, terminated, truncated, infos
+
+    def action_masks(self) -> np.ndarray:
+        """bool ``(N, vocab)``: the tokens allowed at each sub-env's current observation."""
+        if not self.started:
+            raise RuntimeError("call reset() before action_masks()")
+        if not self.masker.enabled:
+            return np.ones((self.num_envs, self.single_action_space.n), dtype=bool)
+        if not self.masker.uses_reference:
+            logits = self.masker.masking_logits(*self.task.batch(self.tokens))
+        elif self.step_ref_logits:
+            logits = self.ref_logits
+        else:
+            logits = next_token_logits(self.task.ref_model, *self.task.batch(self.tokens))
+        return self.masker.masks(logits).cpu().numpy()
 
     def render(self):
         if self.render_mode == "ansi":

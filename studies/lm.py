@@ -57,8 +57,18 @@ VARIANTS: dict[str, Variant] = {
     "k1-agrad": Variant("k1 reward + analytic grad", ("--kl-reward", "k1", "--analytic-grad")),
     "analytic-agrad": Variant("analytic reward + analytic grad", ("--kl-reward", "analytic", "--analytic-grad")),
     "k3-loss": Variant("k3 loss, no KL reward (GRPO)", ("--kl-loss", "k3-loss", "--kl-reward", "none", "--no-analytic-grad")),
+    # NLPO: analytic-agrad's KL handling, sampling restricted to the top-p nucleus of a masking
+    # policy synced every 5 iterations (agents.masking); not in the default grid
+    **{
+        f"nlpo-p{p:g}": Variant(
+            f"NLPO top-p {p:g} (analytic reward + grad)",
+            ("--kl-reward", "analytic", "--analytic-grad", "--mask-top-p", str(p), "--mask-sync-every", "5"),
+        )
+        for p in (0.9, 0.5)
+    },
 }
-VARIANT_KEYS = ("kl_reward", "analytic_grad", "kl_loss", "kl_coef", "seed", "out", "resume")
+DEFAULT_VARIANTS = ["k1", "analytic-biased", "k1-agrad", "analytic-agrad", "k3-loss"]
+VARIANT_KEYS = ("kl_reward", "analytic_grad", "kl_loss", "kl_coef", "seed", "out", "resume", "mask_top_k", "mask_top_p", "mask_sync_every")
 TRAIN_LOG = "train.log"
 WALL_SECONDS = "wall_seconds.txt"
 N_SAMPLES = 3  # continuations kept in each result file
@@ -110,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", type=Path, default=Path("configs/study_lm.yaml"), help="base YAML config of every run")
-    parser.add_argument("--variants", type=_variants, default=list(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--variants", type=_variants, default=DEFAULT_VARIANTS, help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--betas", type=_list(float, "--betas"), default=[0.1, 0.03, 0.3], help="KL coefficients, in the order run")
     parser.add_argument("--seeds", type=_list(int, "--seeds"), default=[0, 1, 2], help="training seeds")
     parser.add_argument("--iters", type=int, help="PPO iterations per run (None: the config's)")

@@ -60,7 +60,7 @@ def test_help_documents_every_flag_with_its_real_default(capsys):
         assert flag in text
     for default in ("(default: 0.1)", "(default: k1)", "(default: runs/ppo_kl)", "(default: 0.99)", "(default: False)"):
         assert default in text
-    assert text.count("(default: None)") == 2  # --target-kl and --kl-loss, whose default is None
+    assert text.count("(default: None)") == 4  # --target-kl, --kl-loss, --mask-top-k and --mask-top-p, whose default is None
 
 
 def test_yaml_config_is_overridden_by_flags(tmp_path):

@@ -63,3 +63,15 @@ def test_the_readme_is_a_short_front_door_whose_links_all_resolve():
     relative = [t.split("#")[0] for t in targets if not re.match(r"^[a-z]+:", t) and not t.startswith("#")]
     assert "docs/getting-started.md" in relative and "results/lm/pareto_kl.png" in relative
     assert [t for t in relative if not (docs_blocks.ROOT / t).exists()] == []
+
+
+def test_an_empty_block_is_filled_without_touching_the_next_one():
+    empty = "<!-- generated: kl_estimators.info:markdown_table -->\n<!-- end generated -->\n"
+    text = "a\n" + empty + "keep this\n" + empty
+    rendered = docs_blocks.render(text)
+    assert rendered.count("keep this") == 1 and rendered.count("| `k3-loss` |") == 2
+
+
+def test_an_unclosed_block_is_an_error():
+    with pytest.raises(ValueError, match="not closed"):
+        docs_blocks.render("<!-- generated: kl_estimators.info:markdown_table -->\nno end marker\n")

@@ -26,8 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = re.compile(r"(<!-- generated: ([\w.]+):(\w+) -->\n)(.*?)(\n<!-- end generated -->)", re.S)
-FILE = re.compile(r"(<!-- file: ([\w./-]+) -->\n```(\w*)\n)(.*?)(```\n<!-- end file -->)", re.S)
+# Markers start a line; a block's body never crosses another marker, so an empty or unclosed block cannot swallow the next.
+_BODY = r"((?:(?!<!-- (?:generated:|end generated|file:|end file))[\s\S])*?)"
+GENERATED = re.compile(r"(?m)(^<!-- generated: ([\w.]+):(\w+) -->\n)" + _BODY + r"(<!-- end generated -->)")
+FILE = re.compile(r"(?m)(^<!-- file: ([\w./-]+) -->\n```(\w*)\n)" + _BODY + r"(```\n<!-- end file -->)")
+OPENINGS = re.compile(r"(?m)^<!-- (?:generated|file): ")
 
 
 def markdown_files(root: Path | None = None) -> list[Path]:
@@ -47,7 +50,10 @@ def _file(path: str, root: Path) -> str:
 def render(text: str, root: Path | None = None) -> str:
     """``text`` with every block replaced by what its source gives now."""
     root = root or ROOT
-    text = GENERATED.sub(lambda m: m[1] + _generated(m[2], m[3]) + m[5], text)
+    blocks = len(GENERATED.findall(text)) + len(FILE.findall(text))
+    if blocks != len(OPENINGS.findall(text)):
+        raise ValueError("a generated or file block is not closed by its end marker")
+    text = GENERATED.sub(lambda m: m[1] + _generated(m[2], m[3]) + "\n" + m[5], text)
     return FILE.sub(lambda m: m[1] + _file(m[2], root) + m[5], text)
 
 
