@@ -176,6 +176,9 @@ def test_nlpo_options_are_checked(tiny_lm_path, capsys):
         make_model(tiny_lm_path, mask_top_p=0.9, mask_sync_every=0)
     with pytest.raises(ValueError, match="own action masks"):
         make_model(tiny_lm_path, env=make_env(tiny_lm_path, mask_top_k=2), mask_top_p=0.9)
+    for masked in ({"mask_top_p": 0.9}, {"env": make_env(tiny_lm_path, mask_top_k=2)}):  # the fused KL has no vocabulary mask
+        with pytest.raises(ValueError, match="'hidden' does not support action masks"):
+            make_model(tiny_lm_path, ref_logits="hidden", kl_reward="analytic", analytic_grad=True, **masked)
     with pytest.raises(SystemExit) as exit_info:
         main(["--mask-top-p", "0"])
     assert exit_info.value.code == 2 and "--mask-top-p" in capsys.readouterr().err
