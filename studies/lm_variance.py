@@ -25,8 +25,10 @@ are unbiased for those of G (the report compares projected with exact squared no
 The rest of the network (the input-embedding use of the same matrix and the transformer body) is
 not measured; it receives the same deltas through other Jacobian blocks.
 
-Raw results: one safetensors file per (policy, regime) under ``--out/raw``, rewritten atomically
-after every chunk of sequences; a rerun continues from the sequences it holds.
+Raw results: one safetensors file per (policy, regime) under ``--out/raw`` (git-ignored: about
+4 MB each), rewritten atomically after every chunk of sequences; a rerun continues from the
+sequences it holds. The summary (``--out/summary.json``, with bootstrap intervals), table and plot
+are regenerated from them and committed.
 """
 
 from __future__ import annotations
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 measure(raw, options.root, name, regime, options.sequences, options.chunk)
     from studies.lm_variance_report import write_report
 
-    write_report(options.out)
+    write_report(options.out / "raw", options.out)
     return 0
 
 
