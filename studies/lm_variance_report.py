@@ -243,3 +243,25 @@ def write_report(raw: Path, folder: Path = RESULTS) -> None:
     ]  # fmt: skip
     (folder / "table.md").write_text("\n\n".join(sections) + "\n")
     _plot(summaries, folder)
+
+
+SMALL_BATCH = RESULTS.parent / "lm_small_batch"
+
+
+def small_batch_table(folder: Path = SMALL_BATCH) -> str:
+    """The paired LM comparison at 4 sequences per rollout (``configs/study_lm_small_batch.yaml``):
+    ``studies.lm_report``'s table and paired differences against k1 in the reward."""
+    from studies.lm import VARIANTS
+    from studies.lm_report import aggregate, compute_summary, load_records, paired_table, table
+
+    records, reference = load_records(folder)
+    if not records:
+        return "(no run has finished yet)"
+    labels = {name: variant.label for name, variant in VARIANTS.items()}
+    order = list(VARIANTS)
+    return "\n".join([
+        table(aggregate(records, order), labels, reference),
+        "Paired against k1 in the reward at the same seed (variant - k1):\n",
+        paired_table(records, labels, order, "k1"),
+        compute_summary(records).strip(),
+    ])  # fmt: skip

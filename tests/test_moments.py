@@ -3,11 +3,12 @@
 Monte Carlo draws sequences with the autoregressive sampler (``SequenceSpace.sample``), not from
 the enumerated probabilities, and recomputes each draw's gradient on the sampled tokens, so the
 comparison checks the enumeration, the weighting by q(y) and the covariance algebra together.
-Each exact quantity Q is compared with its sample mean over n = 20,000 draws: |Q_mc - Q| <= 6
-standard errors of Q_mc (the standard error estimated from the same draws). A fixed seed makes
-the test deterministic; with it the largest deviation seen is about 3 standard errors over the 6
-cases, and a deviation beyond 6 has probability below 1e-8 per compared number under the normal
-approximation, so the tolerance is not tuned to the seed.
+Each exact quantity Q is compared with its sample mean over n = 8,000 draws: |Q_mc - Q| <= 6
+standard errors of Q_mc (the standard error estimated from the same draws; for the mean vector,
+the largest over its components). A fixed seed makes the test deterministic. Over 5 sampling
+seeds x the 6 cases, the largest deviation measured was 2.8 standard errors; a deviation beyond 6
+has probability below 1e-8 per compared number under the normal approximation, so the tolerance
+is not tuned to the seed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from studies.moments import Cell, all_cells, compute_cell, unbiased
 from studies.moments_exact import Problem, exact_moments, per_sequence_terms
 from studies.tabular_model import make_instance
 
-N_DRAWS = 20_000
+N_DRAWS = 8_000
 Z = 6.0
 
 
@@ -53,7 +54,7 @@ def test_exact_moments_match_monte_carlo(estimator, off_policy):
     exact = exact_moments(problem, estimator)
     gen = torch.Generator().manual_seed(1)
     tokens = problem.space.sample(problem.sampler_table, N_DRAWS, gen)
-    grads = torch.cat([per_sequence_terms(problem, chunk, estimator)[0] for chunk in tokens.split(1000)])
+    grads = torch.cat([per_sequence_terms(problem, chunk, estimator)[0] for chunk in tokens.split(2000)])
     _within(grads, exact.mean)
     centred = grads - exact.mean
     _within((centred**2).sum(-1), exact.trace)
