@@ -61,22 +61,27 @@ class Problem:
 
 def per_sequence_terms(problem: Problem, tokens: torch.Tensor, estimator: str, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """(G, S): each row's gradient estimate g(y) [B, P] and value S(y) [B] for sequences ``tokens``
-    [B, T], with mu's log-probs passed off-policy. ``options`` go to ``per_token_kl_loss``."""
+    [B, T], with mu's log-probs passed off-policy. ``options`` go to ``per_token_kl_loss``.
+
+    S(y) depends on the table only through the logit rows on y's own path, gathered into a
+    [B, T, V] leaf; one backward of sum_b S_b gives every dS_b / d(row b's logits) at once (row b
+    reaches no other S), and g(y) scatters them back onto the table's rows."""
     space = problem.space
-    table = problem.table.detach().clone().requires_grad_()
     rows = space.rows(tokens)
-    logp = token_logprobs(table, rows, tokens)
+    logits = problem.table.detach()[rows].requires_grad_()
+    logp = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     ref_logp = token_logprobs(problem.ref_table, rows, tokens)
     behaviour = None
     if problem.behaviour_table is not None:
         behaviour = token_logprobs(problem.behaviour_table.detach(), rows, tokens)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     values = kl_estimators.per_token_kl_loss(
-        estimator, logp, ref_logp, mask, table[rows], problem.ref_table[rows], behaviour_logprobs=behaviour, **options
+        estimator, logp, ref_logp, mask, logits, problem.ref_table[rows], behaviour_logprobs=behaviour, **options
     ).sum(-1)
-    eye = torch.eye(len(tokens), dtype=values.dtype)
-    (grads,) = torch.autograd.grad(values, table, grad_outputs=eye, is_grads_batched=True)
-    return grads.reshape(len(tokens), -1), values.detach()
+    (row_grads,) = torch.autograd.grad(values.sum(), logits)
+    grads = torch.zeros(len(tokens), *problem.table.shape, dtype=row_grads.dtype)
+    grads.scatter_add_(1, rows.unsqueeze(-1).expand_as(row_grads), row_grads)
+    return grads.flatten(1), values.detach()
 
 
 @dataclass(frozen=True)
