@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +46,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kl_estimators
+from agents.run_dir import atomic_write
 from lmgym.assets import load_causal_lm
 from lmgym.decoding import IncrementalDecoder
 from lmgym.task import ContinuationTask
 from studies.lm_variance_policies import BEHAVIOUR, BETAS, run_dir
+from studies.moments import label
 
 K_V, K_D = 16, 16  # projection sizes along the vocabulary and the hidden dimension
 PROJECTION_SEED = 20261129
@@ -64,10 +64,6 @@ OFF_POLICY: tuple[tuple[str, dict], ...] = ON_POLICY + (
     ("analytic-future", {"importance": "sequence"}),
     ("reinforce-future", {"importance": "token"}),
 )
-
-
-def label(estimator: str, options: dict) -> str:
-    return estimator + ("[" + ",".join(f"{k}={v}" for k, v in options.items()) + "]" if options else "")
 
 
 def runs_for(regime: str) -> tuple[tuple[str, dict], ...]:
@@ -167,11 +163,8 @@ def raw_path(raw: Path, policy: str, regime: str) -> Path:
 
 
 def _save(path: Path, data: dict[str, torch.Tensor], meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in data.items()}, tmp, metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    tensors = {k: v.contiguous() for k, v in data.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)}))
 
 
 def load_raw(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
