@@ -63,8 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("runs/lm_variance"), help="one run folder per beta")
     parser.add_argument("--betas", type=lambda s: [float(x) for x in s.split(",")], default=list(BETAS))
     options = parser.parse_args(argv)
+    if not options.config.is_file():
+        print(f"error: --config: no such file {options.config}", file=sys.stderr)
+        return 2
     for beta in options.betas:
-        train_policy(options.config, beta, options.root)
+        try:
+            train_policy(options.config, beta, options.root)
+        except subprocess.CalledProcessError:
+            print(f"error: training failed, see {run_dir(options.root, beta) / 'train.log'}; rerun to resume", file=sys.stderr)
+            return 1
     return 0
 
 
