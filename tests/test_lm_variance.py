@@ -93,3 +93,15 @@ def test_command_measures_tiny_policies_and_resumes(tiny_lm_path, tmp_path, monk
 def test_command_refuses_missing_policies(tmp_path, capsys):
     assert lmv.main(["--root", str(tmp_path), "--out", str(tmp_path / "out"), "--betas", "0.3"]) == 2
     assert "no policy" in capsys.readouterr().err
+
+
+def test_policy_commands_are_the_cli_with_k1_in_the_reward(tmp_path, capsys):
+    from studies import lm_variance_policies as policies
+
+    cmd = policies.command(tmp_path / "c.yaml", 0.1, tmp_path / "out", 19, resume=False)
+    assert cmd[1:3] == ["-m", "agents.ppo_kl"]
+    flags = " ".join(cmd[3:])
+    assert "--kl-reward k1 --no-analytic-grad --kl-coef 0.1 --seed 0" in flags and flags.endswith("--iters 19")
+    assert policies.command(tmp_path / "c.yaml", 0.1, tmp_path / "out", 20, resume=True)[-1] == "--resume"
+    assert policies.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
