@@ -1,0 +1,79 @@
+"""``python -m studies.lm_variance_policies``: the fixed policies of the LM gradient-variance study.
+
+Three PPOKL policies trained with the CLI (``python -m agents.ppo_kl``, the LM study's base config
+``configs/study_lm.yaml``, k1 in the reward, seed 0) at beta = 0.3, 0.1 and 0.03, which the LM
+study found to end at about 0.75, 1.5 and 3.2 nats of KL(pi || pi_ref) per sequence. Each run
+trains ``ITERS - 1`` iterations, its exported policy is copied to ``<run>/behaviour`` (the
+behaviour policy mu of the off-policy measurement: pi one iteration, two Adam updates, earlier),
+then it resumes to ``ITERS`` iterations, leaving ``<run>/policy``; the checkpoint is then deleted. Resumable: a finished step is
+skipped. The commands are printed and appended to ``<run>/commands.txt``.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from agents.run_dir import CHECKPOINT, POLICY
+
+REPO = Path(__file__).resolve().parents[1]
+BETAS = (0.3, 0.1, 0.03)
+ITERS = 20
+BEHAVIOUR = "behaviour"
+
+
+def run_dir(root: Path, beta: float) -> Path:
+    return root / f"k1-b{beta:g}"
+
+
+def command(config: Path, beta: float, out: Path, iters: int, resume: bool) -> list[str]:
+    """The ``agents.ppo_kl`` command line of one training step."""
+    flags = ["--config", str(config), "--kl-reward", "k1", "--no-analytic-grad", "--kl-coef", str(beta), "--seed", "0"]
+    return [sys.executable, "-m", "agents.ppo_kl", *flags, "--out", str(out), "--iters", str(iters), *(["--resume"] if resume else [])]
+
+
+def _run(cmd: list[str], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text = " ".join(["python", *cmd[1:]])
+    print(f"$ {text}", flush=True)
+    with (out / "commands.txt").open("a") as log:
+        log.write(text + "\n")
+    with (out / "train.log").open("a") as log:
+        subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def train_policy(config: Path, beta: float, root: Path) -> Path:
+    """Train (or finish) the policy at ``beta``; its run folder, holding ``policy`` and ``behaviour``."""
+    out = run_dir(root, beta)
+    if not (out / BEHAVIOUR).is_dir():
+        _run(command(config, beta, out, ITERS - 1, resume=(out / CHECKPOINT).is_file()), out)
+        shutil.copytree(out / POLICY, out / BEHAVIOUR)
+    if not (out / "done").is_file():
+        _run(command(config, beta, out, ITERS, resume=True), out)
+        (out / "done").write_text("ok\n")
+    (out / CHECKPOINT).unlink(missing_ok=True)  # 1.6 GB with the Adam state; the exports suffice
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studies.lm_variance_policies", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/study_lm.yaml"))
+    parser.add_argument("--root", type=Path, default=Path("runs/lm_variance"), help="one run folder per beta")
+    parser.add_argument("--betas", type=lambda s: [float(x) for x in s.split(",")], default=list(BETAS))
+    options = parser.parse_args(argv)
+    if not options.config.is_file():
+        print(f"error: --config: no such file {options.config}", file=sys.stderr)
+        return 2
+    for beta in options.betas:
+        try:
+            train_policy(options.config, beta, options.root)
+        except subprocess.CalledProcessError:
+            print(f"error: training failed, see {run_dir(options.root, beta) / 'train.log'}; rerun to resume", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
