@@ -17,6 +17,18 @@ import torch
 from hypothesis import strategies as st
 
 
+def prefix_rows(seqs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N, T] row of a prefix table (rows ordered by length, then lexicographically) holding the
+    next-token logits at each position of ``seqs`` [N, T]."""
+    index = torch.zeros_like(seqs)
+    offset, code = 0, torch.zeros(len(seqs), dtype=torch.long)
+    for t in range(seqs.shape[1]):
+        index[:, t] = offset + code
+        offset += vocab**t
+        code = code * vocab + seqs[:, t]
+    return index
+
+
 @dataclass
 class Tabular:
     """Policy, reference and behaviour tables, [n_prefixes, V] each."""
@@ -39,14 +51,7 @@ class Tabular:
 
     def prefix_index(self) -> torch.Tensor:
         """[N, T] row of the table holding the next-token logits at each position."""
-        seqs = self.sequences
-        index = torch.zeros_like(seqs)
-        offset, code = 0, torch.zeros(len(seqs), dtype=torch.long)
-        for t in range(self.length):
-            index[:, t] = offset + code
-            offset += self.vocab**t
-            code = code * self.vocab + seqs[:, t]
-        return index
+        return prefix_rows(self.sequences, self.vocab)
 
     def logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy and reference logits for every sequence and position, [N, T, V]."""

@@ -19,17 +19,9 @@ from agents.checkpoint import read_checkpoint
 from agents.ppo_kl import main
 from agents.run_dir import lock_run_dir
 from tests.fault_cases import FAULT_CASES
-from tests.test_agents_cli import tiny_run_flags
+from tests.test_agents_cli import run_main, tiny_run_flags
 
 BASE_ITERS = 2
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
 
 
 def one_line(err: str) -> str:

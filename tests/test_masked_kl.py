@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from kl_estimators import ESTIMATOR_INFO, ESTIMATORS, analytic, per_token_kl_loss
 from lmgym.masks import top_k_top_p_mask
 from studies.nlpo_report import K3_VALUE_ESTIMATORS
-from tabular import Tabular, make_tabular
+from tabular import Tabular, make_tabular, prefix_rows
 
 EXACT = dict(rtol=1e-9, atol=1e-10)
 K3_VALUES = K3_VALUE_ESTIMATORS  # the docs' masked-KL table states the same exceptions
@@ -46,19 +46,12 @@ class SupportTabular(Tabular):
     @property
     def sequences(self) -> torch.Tensor:
         every = torch.tensor(list(itertools.product(range(self.vocab), repeat=self.length)))
-        index = Tabular.prefix_index(Tabular(self.table, self.ref_table, self.vocab, self.length))
+        index = prefix_rows(every, self.vocab)
         inside = self.allowed[index, every].all(-1)
         return every[inside]
 
     def prefix_index(self) -> torch.Tensor:
-        seqs = self.sequences_cache
-        index = torch.zeros_like(seqs)
-        offset, code = 0, torch.zeros(len(seqs), dtype=torch.long)
-        for t in range(self.length):
-            index[:, t] = offset + code
-            offset += self.vocab**t
-            code = code * self.vocab + seqs[:, t]
-        return index
+        return prefix_rows(self.sequences_cache, self.vocab)
 
     @property
     def sequences_cache(self) -> torch.Tensor:
