@@ -305,7 +305,8 @@ class PPOKL(PPO):
         callback.on_rollout_start()
         start = time.perf_counter()
         masks = self.rollout_masks(env, prompt_ids, prompt_mask)
-        for step in sample_episodes(self.policy, env, prompt_ids, prompt_mask, n_rollout_steps, masks):
+        fused = self.ref_logits == "hidden"
+        for step in sample_episodes(self.policy, env, prompt_ids, prompt_mask, n_rollout_steps, masks, fused, self.kl_chunk_size):
             self.num_timesteps += env.num_envs
             new_obs, dones = step.new_obs, step.dones
             callback.update_locals(locals())
@@ -320,7 +321,7 @@ class PPOKL(PPO):
 
         beta = self.kl_controller.value
         rollout_buffer.compute_returns_and_advantage(self.kl_reward, beta, self.analytic_grad)
-        if self.ref_logits == "hidden":
+        if self.ref_logits == "hidden" and rollout_buffer.ref_hidden is None:  # pi_ref came per step from the env
             self._store_reference_hidden(rollout_buffer, env)
         self._record_rollout_stats(rollout_buffer, beta, rollout_seconds)
         self.kl_controller.update(self.rollout_stats["rollout/kl_analytic"], env.num_envs * distributed.world_size())

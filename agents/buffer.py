@@ -54,7 +54,7 @@ class SequenceRolloutBuffer:
         store_ref_logits: bool = True,
     ):
         self.store_ref_logits = store_ref_logits
-        self.ref_hidden: torch.Tensor | None = None  # [n, T, d], set after the rollout in ref_logits="hidden"
+        self.ref_hidden: torch.Tensor | None = None  # [n, T, d] in ref_logits="hidden", from the steps or after the rollout
         self.max_steps = buffer_size
         self.n_envs = n_envs
         self.vocab_size = int(action_space.n)
@@ -95,6 +95,10 @@ class SequenceRolloutBuffer:
         self.analytic_kl[:, t] = step.analytic_kl * active
         if self.ref_logits is not None:
             self.ref_logits[:, t] = step.ref_logits
+        if step.ref_hidden is not None:
+            if self.ref_hidden is None:
+                self.ref_hidden = torch.zeros(self.n_envs, self.max_steps, step.ref_hidden.shape[-1], dtype=step.ref_hidden.dtype)
+            self.ref_hidden[:, t] = step.ref_hidden
         if step.action_masks is not None:
             if self.action_masks is None:
                 self.action_masks = torch.ones(self.n_envs, self.max_steps, self.vocab_size, dtype=torch.bool)
@@ -115,7 +119,7 @@ class SequenceRolloutBuffer:
 
     def _truncate(self) -> None:
         t = self.n_steps
-        for name in ("actions", "mask", "logprobs", "ref_logprobs", "values", "analytic_kl", "ref_logits", "action_masks"):
+        for name in ("actions", "mask", "logprobs", "ref_logprobs", "values", "analytic_kl", "ref_logits", "ref_hidden", "action_masks"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[:, :t])
 

@@ -12,7 +12,11 @@ per minibatch and c rows per chunk of ``kl_estimators.fused_kl`` (float32, 4 byt
   transient activations); ``n_epochs`` extra reference forwards over the whole rollout per update.
 
 - ``hidden``: the buffer keeps pi_ref's final hidden states, ``N x T x d x 4`` bytes (V / d = 85x
-  less for SmolLM2, 170x for Qwen2.5-0.5B), from one reference forward over the finished rollout.
+  less for SmolLM2, 170x for Qwen2.5-0.5B), from the one reference forward that scores the
+  finished rollout; that forward computes no logits, and the rollout's KL_t and log pi_ref(y_t)
+  come from both models' hidden states through ``kl_estimators.fused_kl`` (the policy's from its
+  sampling steps), so the rollout holds no ``[N, T, V]`` tensor either, only one step's ``[N, V]``
+  sampling logits.
   The update's policy forward stops at the hidden states and ``kl_estimators.fused_kl`` computes
   KL_t, log pi(y_t) and the entropy from both models' hidden states and output layers, about
   ``4 x c x V x 4`` bytes at a time (``bench/bench_fused.py`` measured 4.1 such blocks): no
@@ -22,21 +26,25 @@ In ``store`` and ``recompute`` the update also holds the policy's ``[b, T, V]`` 
 log-softmax, probabilities and gradient (about ``4 x b x T x V x 4`` bytes, autograd's saved
 tensors included); ``hidden`` replaces them by the chunk. Recomputing saves ``(N - b) x T x V x 4``
 bytes over storing, at the price of roughly one third of a policy forward+backward per minibatch;
-``hidden`` costs one reference forward per rollout and, in the update, recomputes both models'
-output layers in backward (three more ``[c, d] x [d, V]`` products per chunk than unfused).
+``hidden`` costs the policy's and pi_ref's output layers once more over the rollout (in the fused
+KL, instead of pi_ref's in its forward) and, in the update, recomputes both models' output layers
+in backward (three more ``[c, d] x [d, V]`` products per chunk than unfused).
 ``memory_bytes`` evaluates these formulas.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
 from kl_estimators import LinearLogits
 
-from agents.buffer import SequenceBatch
 from lmgym.decoding import forward_last
+
+if TYPE_CHECKING:  # agents.buffer imports agents.sampling, which imports this module
+    from agents.buffer import SequenceBatch
 
 REF_LOGITS_MODES = ("store", "recompute", "hidden")
 

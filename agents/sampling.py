@@ -2,7 +2,9 @@
 
 Each step costs one policy forward of length 1 for the whole batch (the prompt is encoded once).
 pi_ref's logits at every state come from the env, per step or in one forward after sampling, and
-the exact per-position KL is computed here.
+the exact per-position KL is computed here. With ``fused_reference`` no logits are kept: pi_ref's
+final hidden states come from one forward after sampling, and KL_t and log pi_ref(y_t) from both
+models' hidden states through ``kl_estimators.fused_kl`` (``ref_logits="hidden"``).
 
 With action masks (``agents.masking``) the policy that samples is the masked pi^M: its logits are
 -inf outside the mask, the action and its log-prob come from sb3-contrib's ``MaskableCategorical``,
@@ -21,6 +23,7 @@ from sb3_contrib.common.maskable.distributions import MaskableCategorical
 import kl_estimators
 from agents.masking import masked_logits
 from agents.policy import CausalLMPolicy
+from agents.reference import linear_logits, reference_hidden
 from agents.vec_env import LMGymVecEnv
 from lmgym.decoding import IncrementalDecoder
 from lmgym.task import log_prob
@@ -51,6 +54,7 @@ class SampledStep:
     ref_logprobs: torch.Tensor | None = None  # [N] log pi_ref(a_t | s_t)
     analytic_kl: torch.Tensor | None = None  # [N] KL(pi(.|s_t) || pi_ref(.|s_t))
     action_masks: torch.Tensor | None = None  # [N, V] bool allowed tokens at s_t, None if unmasked
+    ref_hidden: torch.Tensor | None = None  # [N, d] pi_ref's final hidden state at s_t (fused_reference)
 
     def with_reference(self, logits: torch.Tensor, ref_logits: torch.Tensor) -> SampledStep:
         """This step with pi_ref's terms, from the policy's and pi_ref's logits [N, V] at s_t."""
@@ -76,6 +80,8 @@ def sample_episodes(
     prompt_mask: torch.Tensor,
     max_steps: int,
     masks: StepMasks | None = None,
+    fused_reference: bool = False,
+    chunk_size: int | None = None,
 ) -> Iterator[SampledStep]:
     """Step ``env`` (at the start of an episode in every sub-env, whose prompts are given) until
     every env has finished that episode or ``max_steps`` steps were taken.
@@ -83,10 +89,15 @@ def sample_episodes(
     pi_ref's logits come from the env's info at each step (each step is yielded as it is taken) or,
     for an env built with ``step_ref_logits=False``, from one reference forward over the sampled
     sequences after the last step (the steps are yielded then). ``masks``: sample from the masked
-    policy (module docstring).
+    policy (module docstring). ``fused_reference``: in the latter case, score pi_ref from hidden
+    states (module docstring; ``chunk_size`` rows of logits at a time, None: automatic) and give
+    each step its ``ref_hidden``.
     """
     device = policy.device
     per_step_ref = env.venv.step_ref_logits
+    fused_reference = fused_reference and not per_step_ref
+    if fused_reference and masks is not None:
+        raise ValueError("fused_reference does not support action masks (the fused KL has no mask over the vocabulary)")
     decoder = IncrementalDecoder(policy.lm, output_hidden=True)
     out = decoder.prefill(prompt_ids.to(device), prompt_mask.to(device))
     active = torch.ones(env.num_envs, dtype=torch.bool)
@@ -118,17 +129,53 @@ def sample_episodes(
         if per_step_ref:
             yield step.with_reference(logits, ref_logits)
         else:
-            pending.append((step, logits))
+            pending.append((step, out.hidden if fused_reference else logits))
         active &= ~torch.as_tensor(dones)
         if not active.any() or t + 1 == max_steps:
             break
         out = decoder.append(actions.to(device))
         if masks is not None:
             masks.advance(actions)
-    if pending:
+    if pending and fused_reference:
+        yield from with_fused_reference(policy, env, prompt_ids, prompt_mask, pending, chunk_size)
+    elif pending:
         ref_logits = reference_logits(env, prompt_ids, prompt_mask, [step for step, _ in pending])
         for t, (step, logits) in enumerate(pending):
             yield step.with_reference(logits, ref_logits[:, t])
+
+
+def with_fused_reference(
+    policy: CausalLMPolicy,
+    env: LMGymVecEnv,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    pending: list[tuple[SampledStep, torch.Tensor]],
+    chunk_size: int | None,
+) -> Iterator[SampledStep]:
+    """The sampled steps (each with the policy's final hidden state [N, d] at s_t) with pi_ref's
+    hidden state, log pi_ref(a_t) and KL_t, from one reference forward that computes no logits and
+    ``fused_kl`` over all T steps at once (no ``[N, T, V]`` tensor)."""
+    steps = [step for step, _ in pending]
+    actions = torch.stack([step.actions for step in steps], dim=1)
+    active = torch.stack([step.active for step in steps], dim=1)
+    ref_model = env.venv.task.ref_model
+    input_ids = torch.cat([prompt_ids, actions], dim=1)
+    attention_mask = torch.cat([prompt_mask, active.long()], dim=1)
+    ref_hidden = reference_hidden(ref_model, input_ids, attention_mask, len(steps))
+    policy_hidden = torch.stack([hidden for _, hidden in pending], dim=1)
+    device = policy.device
+    with torch.no_grad():
+        scored = kl_estimators.fused_kl(
+            linear_logits(policy.lm, policy_hidden.to(device)),
+            linear_logits(ref_model, ref_hidden.to(device)),
+            actions.to(device),
+            active.to(device),
+            chunk_size,
+        )
+    ref_logprobs, kl, ref_hidden = scored.ref_logprobs.float().cpu(), scored.kl.float().cpu(), ref_hidden.cpu()
+    for t, step in enumerate(steps):
+        step.ref_logprobs, step.analytic_kl, step.ref_hidden = ref_logprobs[:, t], kl[:, t], ref_hidden[:, t]
+        yield step
 
 
 def reference_logits(

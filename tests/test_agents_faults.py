@@ -18,6 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from agents.checkpoint import read_checkpoint
 from agents.ppo_kl import main
 from agents.run_dir import lock_run_dir
+from agents.training_state import non_finite
 from tests.fault_cases import FAULT_CASES
 from tests.test_agents_cli import run_main, tiny_run_flags
 
@@ -218,3 +219,13 @@ def test_model_card_front_matter_names_the_hub_base_model(model, base, licence, 
     assert "python -m agents.ppo_kl --iters 4" in card
     (tmp_path / "README.md").write_text(card)
     assert exported_at(tmp_path) == front["ppokl"]  # what --resume reads to tell a current export
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_names_exactly_the_tensors_holding_nan_or_inf(bad):
+    huge = torch.full((4,), 3e38)  # finite, but its sum overflows to inf: screened, then cleared
+    poisoned = torch.zeros(3, 2)
+    poisoned[1, 0] = bad
+    named = [("a", torch.ones(5)), ("huge", huge), ("poisoned", poisoned), ("ints", torch.arange(3)), ("half", torch.ones(2, dtype=torch.float16))]
+    assert non_finite(named) == ["poisoned"]
+    assert non_finite([("huge", huge), ("a", torch.ones(5))]) == []

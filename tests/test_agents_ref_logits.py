@@ -81,3 +81,33 @@ def test_memory_formulas_of_every_mode():
     assert recompute == 0 and store == hidden * 49_152 // 576
     with pytest.raises(ValueError, match="ref_logits must be one of"):
         memory_bytes("disk", **sizes)
+
+
+def count_output_layer_rows(model: torch.nn.Module) -> list[int]:
+    """The number of positions each call of ``model``'s output layer computes logits for (appended as called)."""
+    rows: list[int] = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(out.shape[:-1].numel()))
+    return rows
+
+
+@pytest.mark.parametrize("step_ref_logits", [False, True])
+def test_hidden_rollout_scores_the_reference_once_and_never_computes_its_logits_over_the_rollout(tiny_lm_path, step_ref_logits):
+    """The env that scores pi_ref after sampling (PPOKL's CLI) gives the hidden states from its one
+    forward, whose output layer computes one position per row; an env that gives pi_ref's logits
+    per step (lmgym's default) computes them anyway, and the hidden states take one more forward."""
+    env = make_env(tiny_lm_path, step_ref_logits=step_ref_logits)
+    model = make_model(tiny_lm_path, env=env, ref_logits="hidden", **KL_CONFIG)
+    ref_model = env.get_attr("task")[0].ref_model
+    rows = count_output_layer_rows(ref_model)
+    _, callback = model._setup_learn(total_timesteps=10**6, callback=None)
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    buffer = model.rollout_buffer
+    if step_ref_logits:
+        assert len(rows) > buffer.n_steps and rows[-1] == model.n_envs  # the env's per-step forwards, then the hidden one
+    else:
+        assert rows == [model.n_envs]  # one forward, logits at its last position only
+    logits = linear_logits(ref_model, buffer.ref_hidden).materialise()
+    mask = buffer.mask
+    assert mask.any() and buffer.ref_hidden.shape == (*mask.shape, ref_model.config.hidden_size)
+    expected = torch.log_softmax(logits, -1).gather(-1, buffer.actions.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(buffer.ref_logprobs[mask], expected[mask], rtol=1e-5, atol=1e-5)
