@@ -21,10 +21,11 @@ vLLM sampler: the train/inference mismatch is not corrected in the KL term.
 Estimators that need logits (``analytic*``): TRL 1.16 never builds the [B, T, V] logits (its
 fused LM head projects in tiles). This trainer keeps the backbone's last hidden states of the
 policy forward in ``_compute_loss`` and of the reference forward at generation ([B, T, H] each,
-stored with the batch) and projects them with each model's output layer: two extra [b, T, H] x
-[H, V] products per micro-batch (one with gradient), and the [b, T, V] logits and their softmax
-in memory, chunked over positions by ``chunk_size``. A model whose logits are not plain
-``lm_head(h) / temperature`` (logit scaling or soft-capping) is refused with an error.
+stored with the batch) and passes them with each model's output layer as ``LinearLogits`` to
+``kl_estimators.fused_kl``: no [b, T, V] tensor exists, only ``chunk_size`` rows of logits at a
+time (None: automatic), and the output layers are recomputed in backward (``docs/fused-kl.md``).
+A model whose logits are not plain ``lm_head(h) / temperature`` (logit scaling or soft-capping)
+is refused with an error: the first micro-batch of each model is checked against TRL's log-probs.
 
 Aggregation and bias: the guarantees of ``ESTIMATOR_INFO`` hold for a token sum divided by a
 constant: ``loss_type`` "dapo" (the default), "dr_grpo", "luspo", "cispo", "vespo". "grpo" and
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
+from kl_estimators.fused import LinearLogits, fused_kl
 from kl_estimators.gradients import per_token_kl_loss
 from kl_estimators.info import ESTIMATOR_INFO
 
@@ -81,6 +83,7 @@ class KLGRPOTrainer(GRPOTrainer):
         self.kl_weight_clip = weight_clip
         self.kl_chunk_size = chunk_size
         self._captured: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]] | None = None
+        self._checked_output_layers: set[int] = set()
 
     # -- TRL's forwards, observed ------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -124,9 +127,8 @@ class KLGRPOTrainer(GRPOTrainer):
         logits = ref_logits = None
         if hidden is not None:
             ids = inputs["completion_ids"]
-            logits = self._logits(model, hidden, ids, logps, mask)
-            with torch.no_grad():
-                ref_logits = self._logits(self.ref_model, inputs["ref_hidden_states"], ids, inputs["ref_per_token_logps"], mask)
+            logits = self._linear_logits(model, hidden, ids, logps, mask)
+            ref_logits = self._linear_logits(self.ref_model, inputs["ref_hidden_states"].detach(), ids, inputs["ref_per_token_logps"], mask)
         terms = per_token_kl_loss(
             self.kl_estimator, logps, inputs["ref_per_token_logps"], mask.bool(), logits, ref_logits,
             behaviour_logprobs=inputs.get("old_per_token_logps"),
@@ -137,16 +139,22 @@ class KLGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["kl_estimator_loss"].append(self.accelerator.gather(kl_loss.detach()).mean().item())
         return loss + beta * kl_loss.to(loss.dtype)
 
-    def _logits(self, model, hidden: torch.Tensor, ids: torch.Tensor, logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, T, V] logits lm_head(h) / temperature, checked against TRL's log-probs of the sampled tokens."""
+    def _linear_logits(self, model, hidden: torch.Tensor, ids: torch.Tensor, logps: torch.Tensor, mask: torch.Tensor) -> LinearLogits:
+        """The logits lm_head(h) / temperature as ``LinearLogits`` (never materialised); the first
+        time for each output layer, its log-probs of the sampled tokens are checked against TRL's."""
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        logits = head(hidden.to(head.weight.dtype)).float() / self.temperature
-        mismatch = ((logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logps.float()).abs() * mask).max()
-        if mismatch > _MAX_LOGPROB_MISMATCH["no" if self.accelerator.mixed_precision == "no" else "mixed"]:
-            raise ValueError(
-                f"this model's logits are not lm_head(h) / temperature (log-probs differ from TRL's by {mismatch:.2g}): "
-                f"kl_estimator={self.kl_estimator!r} is not supported for it"
-            )
+        logits = LinearLogits(hidden, head.weight, head.bias, float(self.temperature))
+        if id(head) not in self._checked_output_layers:
+            with torch.no_grad():
+                detached = LinearLogits(hidden.detach(), head.weight.detach(), None if head.bias is None else head.bias.detach(), logits.temperature)
+                ours = fused_kl(detached, None, ids, mask.bool(), self.kl_chunk_size).logprobs
+            mismatch = ((ours - logps.detach().float()).abs() * mask).max()
+            if mismatch > _MAX_LOGPROB_MISMATCH["no" if self.accelerator.mixed_precision == "no" else "mixed"]:
+                raise ValueError(
+                    f"this model's logits are not lm_head(h) / temperature (log-probs differ from TRL's by {mismatch:.2g}): "
+                    f"kl_estimator={self.kl_estimator!r} is not supported for it"
+                )
+            self._checked_output_layers.add(id(head))
         return logits
 
     def aggregate(self, terms: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
