@@ -13,7 +13,10 @@ PPOKL iteration per mode, so load from other processes hits all contenders alike
   reward, ``beta = kl_coef``, float32, ``adamw_torch_fused``, constant learning rate, no gradient
   checkpointing, no vLLM, on CPU.
 
-The first round is a warm-up; the table gives medians (min-max) of the others.
+The first round is a warm-up; the table gives medians (min-max) of the others. The last row is
+PPOKL's FLOP floor (``bench_iteration.work_flops``: its rollout's and update's matmuls, at the
+GEMM rate measured in every round with the model's own weight shapes): no implementation of
+PPOKL's work in float32 on this machine can beat it, so floor / TRL bounds the reachable ratio.
 
     python bench/bench_trl.py [--config configs/demo.yaml] [--rounds 8] [--threads 1] [any agents.ppo_kl flag]
 """
@@ -32,6 +35,7 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import Logger
 
 from agents.algorithm import PPOKL
+from bench_iteration import gemm_rate, work_flops
 from agents.config import Args, parse_args
 from agents.ppo_kl import build_model, make_envs
 from lmgym.assets import load_tokenizer, resolve
@@ -135,11 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     _, callback = model._setup_learn(10**9, CallbackList([]))
     callback.on_training_start(locals(), globals())
     ppokl: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
+    rates: list[float] = []
 
     def ppokl_round() -> None:
         for mode in MODES:
             gc.collect()
             ppokl[mode].append(ppokl_iteration(model, callback, mode))
+        rates.append(gemm_rate(model.policy.lm, args.n_envs * (args.max_prompt_tokens + args.max_new_tokens)))
 
     with tempfile.TemporaryDirectory() as out:
         trainer, timer = grpo_trainer(args, env, options.rounds, options.generations, out, ppokl_round)
@@ -159,7 +165,12 @@ def main(argv: list[str] | None = None) -> None:
         measured = times[1:]
         print(f"| PPOKL {mode} | {spread(rows[f'PPOKL {mode}'])} | {spread([r for r, _ in measured])} | "
               f"{spread([u for _, u in measured])} | {statistics.median(rows[f'PPOKL {mode}']) / trl_median:.2f} |")
-    print(f"| TRL GRPOTrainer | {spread(rows['TRL GRPOTrainer'])} | - | - | 1.00 |", flush=True)
+    print(f"| TRL GRPOTrainer | {spread(rows['TRL GRPOTrainer'])} | - | - | 1.00 |")
+    rate = statistics.median(rates[1:])
+    flops = work_flops(model.policy.lm, args)
+    floor = {part: flops[part] / rate for part in ("rollout", "update")}
+    print(f"| PPOKL FLOP floor at {rate / 1e9:.0f} GFLOP/s | {sum(floor.values()):.2f} | {floor['rollout']:.2f} | "
+          f"{floor['update']:.2f} | {sum(floor.values()) / trl_median:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

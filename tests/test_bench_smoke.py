@@ -103,4 +103,4 @@ def test_compare_kl_variants(tiny_config, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl (the frameworks extra) is not installed")
 def test_bench_trl(tiny_config):
     out = run_script("bench_trl.py", "--config", str(tiny_config), "--rounds", "2", "--generations", "2")
-    assert "| PPOKL hidden |" in out and "| PPOKL store |" in out and "| TRL GRPOTrainer |" in out
+    assert "| PPOKL hidden |" in out and "| PPOKL store |" in out and "| TRL GRPOTrainer |" in out and "| PPOKL FLOP floor at " in out
