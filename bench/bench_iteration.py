@@ -18,7 +18,9 @@ token rows, the shape of a whole-batch forward). A forward costs 2 FLOPs per wei
 output layer only where logits are needed: the states s_0..s_{T-1} of each row (its prompt and
 T - 1 generated tokens through the trunk, T positions through the output layer). Rollout: that
 forward for the policy and for the reference; update: forward + backward (3x) per epoch. Attention
-scores (about 1 % at these lengths) are left out, so the floor is a lower bound. The same count for
+scores (about 1 % at these lengths) are left out, so the floor is a lower bound. The rollout's
+one-token steps multiply ``n_envs``-row matrices, which run slower than the floor's rate: a second
+rollout floor prices them at the GEMM rate measured on ``n_envs`` rows. The same count for
 the baseline's work (whole sequences, logits everywhere, one more policy forward) gives the ratio
 PPOKL / baseline that equal matmul efficiency would give.
 
@@ -189,6 +191,7 @@ def work_flops(model: nn.Module, args: Args) -> dict[str, float]:
     needed = forward_flops(model, n * (p + t - 1), n * t)  # states s_0..s_{T-1}, logits of a_0..a_{T-1}
     full = forward_flops(model, n * (p + t), n * (p + t))  # TRL-style forward, logits everywhere
     return {
+        "decode": forward_flops(model, n * (t - 1), n * (t - 1)),  # the rollout's one-token policy steps (n rows each)
         "rollout": 2 * needed,  # policy and reference
         "update": 3 * args.n_epochs * needed,  # forward + backward
         "baseline": needed + 2 * full + 3 * args.n_epochs * full,  # generate, policy + reference scoring, update
@@ -221,8 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = args.n_envs * (args.max_prompt_tokens + args.max_new_tokens)
     times: dict[str, list[tuple[float, float]]] = {"PPOKL analytic": [], "PPOKL k1": [], "HF baseline": []}
     rates: list[float] = []
+    decode_rates: list[float] = []  # the one-token steps' products have n_envs rows
     for round_ in range(options.rounds):
         rates.append(gemm_rate(model.policy.lm, rows))  # in every round: the load changes
+        decode_rates.append(gemm_rate(model.policy.lm, args.n_envs))
         for name in times:
             gc.collect()
             if name == "HF baseline":
@@ -233,11 +238,16 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append(result)
             print(f"round {round_} {name}: rollout {result[0]:.2f} s, update {result[1]:.2f} s", flush=True)
         if round_:
-            report(options, args, times, flops, statistics.median(rates[1:]), load_seconds)
+            report(options, args, times, flops, statistics.median(rates[1:]), statistics.median(decode_rates[1:]), load_seconds)
 
 
-def report(options, args: Args, times: dict[str, list[tuple[float, float]]], flops: dict[str, float], rate: float, load_seconds: float) -> None:
+def report(
+    options, args: Args, times: dict[str, list[tuple[float, float]]], flops: dict[str, float], rate: float, decode_rate: float,
+    load_seconds: float,
+) -> None:
     floor = {"rollout": flops["rollout"] / rate, "update": flops["update"] / rate}
+    # the same work with the one-token steps' products at the rate of their own (n_envs-row) shapes
+    decode_floor = floor["rollout"] + flops["decode"] * (1 / decode_rate - 1 / rate)
     medians = {
         name: {"rollout": statistics.median(r for r, _ in rows), "update": statistics.median(u for _, u in rows),
                "iteration": statistics.median(r + u for r, u in rows)}
@@ -261,6 +271,8 @@ def report(options, args: Args, times: dict[str, list[tuple[float, float]]], flo
     print(f"- matmul work, PPOKL / HF baseline: {(flops['rollout'] + flops['update']) / flops['baseline']:.2f} "
           f"(the ratio PPOKL would reach if both ran their matmuls at the same rate and nothing else)")
     print(f"- PPOKL rollout / floor: {ours['rollout'] / floor['rollout']:.2f}; update / floor: {ours['update'] / floor['update']:.2f}")
+    print(f"- PPOKL rollout / floor with its one-token steps at their {args.n_envs}-row GEMM rate ({decode_rate / 1e9:.0f} GFLOP/s): "
+          f"{ours['rollout'] / decode_floor:.2f} (that floor: {decode_floor:.2f} s)")
     print(f"- HF baseline rollout / floor: {hf['rollout'] / floor['rollout']:.2f}; update / floor: {hf['update'] / floor['update']:.2f}")
     print(f"- analytic KL (reward + gradient) share of the iteration vs k1: "
           f"{(ours['iteration'] - k1['iteration']) / ours['iteration']:+.1%}")

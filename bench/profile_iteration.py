@@ -23,7 +23,7 @@ import torch
 from stable_baselines3.common.callbacks import CallbackList
 
 import kl_estimators
-from agents import algorithm
+from agents import algorithm, sampling
 from agents.config import parse_args
 from agents.ppo_kl import build_model, make_envs
 from bench_iteration import quiet
@@ -90,7 +90,12 @@ def instrument(model, phases: Phases) -> None:
     phases.wrap(model.rollout_buffer, "compute_returns_and_advantage", "rollout: rewards + GAE")
     phases.wrap(model.policy, "sequence_forward", "update: policy forward")
     phases.wrap(model.policy, "sequence_hidden", "update: policy forward (to the hidden states)")
-    phases.wrap(kl_estimators, "fused_kl", "update: fused output layers, log-probs and KL (forward)")
+    phases.wrap(
+        kl_estimators, "fused_kl",
+        lambda *a, **k: "update: fused output layers, log-probs and KL (forward)" if torch.is_grad_enabled() else "rollout: fused KL and log pi_ref (--ref-logits hidden)",
+    )
+    phases.wrap(sampling, "reference_hidden", "reference forward (whole sequences, hidden states only)")
+    phases.wrap(torch.distributions.Categorical, "sample", "rollout: sampling from the softmax")
     phases.wrap(model, "kl_loss_term", "update: analytic KL loss (forward)")
     phases.wrap(torch.Tensor, "backward", "update: backward")
     phases.wrap(algorithm.torch.nn.utils, "clip_grad_norm_", "update: gradient clipping")

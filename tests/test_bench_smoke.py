@@ -80,7 +80,7 @@ def test_bench_ranks(tiny_lm_path):
 
 def test_bench_iteration(tiny_config):
     out = run_script("bench_iteration.py", "--config", str(tiny_config), "--rounds", "2")
-    assert "| PPOKL analytic |" in out and "| HF baseline |" in out
+    assert "| PPOKL analytic |" in out and "| HF baseline |" in out and "-row GEMM rate (" in out
 
 
 def test_bench_iteration_hidden(tiny_config):
