@@ -13,7 +13,7 @@ per minibatch and c rows per chunk of ``kl_estimators.fused_kl`` (float32, 4 byt
 
 - ``hidden``: the buffer keeps pi_ref's final hidden states, ``N x T x d x 4`` bytes (V / d = 85x
   less for SmolLM2, 170x for Qwen2.5-0.5B), from the one reference forward that scores the
-  finished rollout; that forward computes no logits, and the rollout's KL_t and log pi_ref(y_t)
+  finished rollout (logits at one position per row only); the rollout's KL_t and log pi_ref(y_t)
   come from both models' hidden states through ``kl_estimators.fused_kl`` (the policy's from its
   sampling steps), so the rollout holds no ``[N, T, V]`` tensor either, only one step's ``[N, V]``
   sampling logits.

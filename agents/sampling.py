@@ -153,8 +153,8 @@ def with_fused_reference(
     chunk_size: int | None,
 ) -> Iterator[SampledStep]:
     """The sampled steps (each with the policy's final hidden state [N, d] at s_t) with pi_ref's
-    hidden state, log pi_ref(a_t) and KL_t, from one reference forward that computes no logits and
-    ``fused_kl`` over all T steps at once (no ``[N, T, V]`` tensor)."""
+    hidden state, log pi_ref(a_t) and KL_t, from one reference forward (logits at one position per
+    row) and ``fused_kl`` over all T steps at once (no ``[N, T, V]`` tensor)."""
     steps = [step for step, _ in pending]
     actions = torch.stack([step.actions for step in steps], dim=1)
     active = torch.stack([step.active for step in steps], dim=1)
