@@ -73,6 +73,10 @@ class BaseModelView(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm.get_output_embeddings()
 
+    def get_decoder(self) -> nn.Module:
+        """``lm``'s decoder, whose forward runs (adapters off) inside this view's."""
+        return self.lm.get_decoder()
+
 
 def share_base_as_reference(lm: PreTrainedModel, envs: list) -> None:
     """Make ``lm``'s base model the reference of each lmgym vector env in ``envs`` (SB3 wrappers

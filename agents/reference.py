@@ -77,10 +77,26 @@ def reference_hidden(
     ref_model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_actions: int
 ) -> torch.Tensor:
     """pi_ref's float32 final hidden states ``[b, T, d]`` at the states of ``reference_logits``
-    (its output layer applied to them gives those logits)."""
+    (its output layer applied to them gives those logits).
+
+    They are the decoder's ``last_hidden_state`` (``get_decoder()``), caught by a forward hook, so
+    the forward keeps one ``[b, L, d]`` tensor, not every layer's (``output_hidden_states``: 25x
+    more for Qwen2.5-0.5B), and its output layer runs on one position per row."""
     device = ref_model.device
-    out = forward_last(ref_model, input_ids.to(device), attention_mask.to(device), 1, output_hidden_states=True)
-    return out.hidden_states[-1][:, -n_actions - 1 : -1].float().to(input_ids.device)
+    input_ids, mask = input_ids.to(device), attention_mask.to(device)
+    decoder = ref_model.get_decoder() if hasattr(ref_model, "get_decoder") else ref_model
+    if decoder is ref_model:  # no separate decoder module: take the last of every layer's states
+        out = forward_last(ref_model, input_ids, mask, 1, output_hidden_states=True)
+        last = out.hidden_states[-1]
+    else:
+        captured: list[torch.Tensor] = []
+        handle = decoder.register_forward_hook(lambda _module, _args, out: captured.append(out[0]))
+        try:
+            forward_last(ref_model, input_ids, mask, 1)
+        finally:
+            handle.remove()
+        (last,) = captured
+    return last[:, -n_actions - 1 : -1].float().to(attention_mask.device)
 
 
 def linear_logits(model: PreTrainedModel, hidden: torch.Tensor) -> LinearLogits:

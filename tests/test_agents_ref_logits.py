@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agents.reference import linear_logits, memory_bytes, with_reference_logits
+from agents.reference import linear_logits, memory_bytes, reference_hidden, with_reference_logits
+from lmgym.decoding import forward_last
 from tests.agents_helpers import make_env, make_model
 
 KL_CONFIG = {"analytic_grad": True, "kl_reward": "analytic", "kl_coef": 0.3, "seed": 5}
@@ -111,3 +112,31 @@ def test_hidden_rollout_scores_the_reference_once_and_never_computes_its_logits_
     assert mask.any() and buffer.ref_hidden.shape == (*mask.shape, ref_model.config.hidden_size)
     expected = torch.log_softmax(logits, -1).gather(-1, buffer.actions.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(buffer.ref_logprobs[mask], expected[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_hidden_keeps_only_the_last_layer_and_equals_every_layer_path(tiny_lm_path):
+    """``reference_hidden`` catches the decoder's last hidden state: the model is never asked for
+    every layer's states, and the result equals the last of them (the path it replaced)."""
+    env = make_env(tiny_lm_path)
+    ref_model = env.get_attr("task")[0].ref_model
+    asked: list[dict] = []
+    handle = ref_model.register_forward_pre_hook(lambda _module, _args, kwargs: asked.append(kwargs), with_kwargs=True)
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    try:
+        hidden = reference_hidden(ref_model, ids, mask, 3)
+    finally:
+        handle.remove()
+    assert len(asked) == 1 and not asked[0].get("output_hidden_states") and asked[0]["logits_to_keep"] == 1
+    every_layer = forward_last(ref_model, ids, mask, 1, output_hidden_states=True).hidden_states[-1][:, -4:-1]
+    torch.testing.assert_close(hidden, every_layer.float())
+    assert hidden.shape == (2, 3, ref_model.config.hidden_size)
+
+
+def test_reference_hidden_of_a_model_without_a_separate_decoder(tiny_lm_path, monkeypatch):
+    """A model that is its own decoder falls back to the last of every layer's hidden states."""
+    ref_model = make_env(tiny_lm_path).get_attr("task")[0].ref_model
+    ids, mask = torch.tensor([[3, 4, 5, 6, 7]]), torch.ones(1, 5, dtype=torch.long)
+    expected = reference_hidden(ref_model, ids, mask, 2)
+    monkeypatch.setattr(ref_model, "get_decoder", lambda: ref_model)
+    torch.testing.assert_close(reference_hidden(ref_model, ids, mask, 2), expected)
