@@ -156,18 +156,16 @@ def with_fused_reference(
     hidden state, log pi_ref(a_t) and KL_t, from one reference forward (logits at one position per
     row) and ``fused_kl`` over all T steps at once (no ``[N, T, V]`` tensor)."""
     steps = [step for step, _ in pending]
-    actions = torch.stack([step.actions for step in steps], dim=1)
-    active = torch.stack([step.active for step in steps], dim=1)
+    input_ids, attention_mask = sampled_sequences(prompt_ids, prompt_mask, steps)
+    actions, active = input_ids[:, -len(steps) :], attention_mask[:, -len(steps) :].bool()
     ref_model = env.venv.task.ref_model
-    input_ids = torch.cat([prompt_ids, actions], dim=1)
-    attention_mask = torch.cat([prompt_mask, active.long()], dim=1)
-    ref_hidden = reference_hidden(ref_model, input_ids, attention_mask, len(steps))
-    policy_hidden = torch.stack([hidden for _, hidden in pending], dim=1)
     device = policy.device
+    ref_hidden = reference_hidden(ref_model, input_ids.to(device), attention_mask.to(device), len(steps))
+    policy_hidden = torch.stack([hidden for _, hidden in pending], dim=1)
     with torch.no_grad():
         scored = kl_estimators.fused_kl(
             linear_logits(policy.lm, policy_hidden.to(device)),
-            linear_logits(ref_model, ref_hidden.to(device)),
+            linear_logits(ref_model, ref_hidden),
             actions.to(device),
             active.to(device),
             chunk_size,
@@ -178,13 +176,17 @@ def with_fused_reference(
         yield step
 
 
+def sampled_sequences(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: list[SampledStep]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + actions [N, P + T] and their attention mask, in which actions taken after a row's
+    episode ended are masked out."""
+    actions = torch.stack([step.actions for step in steps], dim=1)
+    active = torch.stack([step.active for step in steps], dim=1)
+    return torch.cat([prompt_ids, actions], dim=1), torch.cat([prompt_mask, active.long()], dim=1)
+
+
 def reference_logits(
     env: LMGymVecEnv, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: list[SampledStep]
 ) -> torch.Tensor:
-    """pi_ref's logits [N, T, V] at every sampled state, from one forward over prompt + actions
-    (actions taken after a row's episode ended are masked out)."""
-    actions = torch.stack([step.actions for step in steps], dim=1)
-    mask = torch.stack([step.active for step in steps], dim=1).long()
-    input_ids = torch.cat([prompt_ids, actions], dim=1)
-    attention_mask = torch.cat([prompt_mask, mask], dim=1)
+    """pi_ref's logits [N, T, V] at every sampled state, from one forward over ``sampled_sequences``."""
+    input_ids, attention_mask = sampled_sequences(prompt_ids, prompt_mask, steps)
     return env.venv.reference_logits(input_ids, attention_mask, len(steps)).cpu()
