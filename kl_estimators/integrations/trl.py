@@ -128,7 +128,7 @@ class KLGRPOTrainer(GRPOTrainer):
         if hidden is not None:
             ids = inputs["completion_ids"]
             logits = self._linear_logits(model, hidden, ids, logps, mask)
-            ref_logits = self._linear_logits(self.ref_model, inputs["ref_hidden_states"].detach(), ids, inputs["ref_per_token_logps"], mask)
+            ref_logits = self._linear_logits(self.ref_model, inputs["ref_hidden_states"], ids, inputs["ref_per_token_logps"], mask)
         terms = per_token_kl_loss(
             self.kl_estimator, logps, inputs["ref_per_token_logps"], mask.bool(), logits, ref_logits,
             behaviour_logprobs=inputs.get("old_per_token_logps"),
@@ -146,9 +146,8 @@ class KLGRPOTrainer(GRPOTrainer):
         logits = LinearLogits(hidden, head.weight, head.bias, float(self.temperature))
         if id(head) not in self._checked_output_layers:
             with torch.no_grad():
-                detached = LinearLogits(hidden.detach(), head.weight.detach(), None if head.bias is None else head.bias.detach(), logits.temperature)
-                ours = fused_kl(detached, None, ids, mask.bool(), self.kl_chunk_size).logprobs
-            mismatch = ((ours - logps.detach().float()).abs() * mask).max()
+                ours = fused_kl(logits, None, ids, mask.bool(), self.kl_chunk_size).logprobs
+                mismatch = ((ours - logps.float()).abs() * mask).max()
             if mismatch > _MAX_LOGPROB_MISMATCH["no" if self.accelerator.mixed_precision == "no" else "mixed"]:
                 raise ValueError(
                     f"this model's logits are not lm_head(h) / temperature (log-probs differ from TRL's by {mismatch:.2g}): "
