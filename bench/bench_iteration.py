@@ -198,6 +198,11 @@ def work_flops(model: nn.Module, args: Args) -> dict[str, float]:
     }
 
 
+def flop_floor(flops: dict[str, float], rate: float) -> dict[str, float]:
+    """Seconds of the minimal rollout and update (``work_flops``) at ``rate`` FLOP/s."""
+    return {part: flops[part] / rate for part in ("rollout", "update")}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -245,7 +250,7 @@ def report(
     options, args: Args, times: dict[str, list[tuple[float, float]]], flops: dict[str, float], rate: float, decode_rate: float,
     load_seconds: float,
 ) -> None:
-    floor = {"rollout": flops["rollout"] / rate, "update": flops["update"] / rate}
+    floor = flop_floor(flops, rate)
     # the same work with the one-token steps' products at the rate of their own (n_envs-row) shapes
     decode_floor = floor["rollout"] + flops["decode"] * (1 / decode_rate - 1 / rate)
     medians = {

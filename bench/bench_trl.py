@@ -35,7 +35,7 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import Logger
 
 from agents.algorithm import PPOKL
-from bench_iteration import gemm_rate, work_flops
+from bench_iteration import flop_floor, gemm_rate, work_flops
 from agents.config import Args, parse_args
 from agents.ppo_kl import build_model, make_envs
 from lmgym.assets import load_tokenizer, resolve
@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{spread([u for _, u in measured])} | {statistics.median(rows[f'PPOKL {mode}']) / trl_median:.2f} |")
     print(f"| TRL GRPOTrainer | {spread(rows['TRL GRPOTrainer'])} | - | - | 1.00 |")
     rate = statistics.median(rates[1:])
-    flops = work_flops(model.policy.lm, args)
-    floor = {part: flops[part] / rate for part in ("rollout", "update")}
+    floor = flop_floor(work_flops(model.policy.lm, args), rate)
     print(f"| PPOKL FLOP floor at {rate / 1e9:.0f} GFLOP/s | {sum(floor.values()):.2f} | {floor['rollout']:.2f} | "
           f"{floor['update']:.2f} | {sum(floor.values()) / trl_median:.2f} |", flush=True)
 
