@@ -16,7 +16,7 @@ from kl_estimators._checks import (
     compute_dtype,
     upcast,
 )
-from kl_estimators.fused import LinearLogits, fused_analytic
+from kl_estimators.fused import LinearLogits, _chunks, fused_analytic
 
 
 def _masked_pair(
@@ -113,10 +113,6 @@ class _ChunkedKL(torch.autograd.Function):
             if want_q:
                 grad_q[rows] = (logq.exp() - p) * g
         return grad_p, grad_q, None, None
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 def _rows_of(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
