@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from studies.lm_variance import load_raw
+from studies.moments_report import crossover
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "lm_variance"
 N_BOOT = 500
@@ -152,13 +153,6 @@ def snr_cosine_table(folder: Path = RESULTS) -> str:
 def bias_table(folder: Path = RESULTS) -> str:
     """|bias|^2 against the unbiased estimators' common mean (paired), 95% bootstrap intervals."""
     return _table(load_summaries(folder), lambda m: _ci(m, "bias_sq"))
-
-
-def crossover(biased: dict, unbiased: dict) -> float:
-    gain = unbiased["trace"] - biased["trace"]
-    if gain <= 0:
-        return 0.0
-    return gain / biased["bias_sq"] if biased["bias_sq"] > 0 else float("inf")
 
 
 def recommendation_table(folder: Path = RESULTS) -> str:
