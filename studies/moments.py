@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 
 import kl_estimators
+from agents.run_dir import atomic_write
 from studies.moments_exact import Problem, exact_moments
 from studies.tabular_model import make_instance
 
@@ -171,11 +170,7 @@ def compute_cell(cell: Cell) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomically: a temporary file beside ``path``, renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
 
 
 def run(out: Path, seeds: tuple[int, ...]) -> int:
