@@ -288,3 +288,24 @@ def test_drop_in_refuses_logits_that_are_not_the_output_layer(tiny_lm_path, tiny
     logits = ours._linear_logits(ours.model, hidden, inputs["completion_ids"], logps, mask)
     torch.testing.assert_close(logits.materialise(), ours.model.lm_head(hidden) / ours.temperature)
     assert ours._linear_logits(ours.model, hidden, inputs["completion_ids"], logps + 1.0, mask) is not None  # checked once
+
+
+def test_trl_fused_lm_head_projects_every_position_off_triton(tiny_lm_path, monkeypatch):
+    """TRL 1.16's fused LM head (GRPOTrainer's log-probs, ``add_fused_lm_head``) projects only the
+    labelled positions on Triton devices, but every position elsewhere: on CPU its output layer runs
+    over all L - 1 positions of prompt + completion, where PPOKL runs it on the completion's
+    (``docs/fused-kl.md`` counts TRL's matrix work so)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    utils.add_fused_lm_head(model)
+    projected: list[int] = []
+    original = utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(utils._ChunkedLogProbFunction, "apply", lambda hidden, *rest: (projected.append(hidden.shape[0]), original(hidden, *rest))[1])
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :-3] = -100  # a 4-token prompt and a 3-token completion per row
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
+    assert int(out.label_mask.sum()) == 2 * 3
+    assert projected == [2 * 6]
