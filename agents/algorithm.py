@@ -3,8 +3,8 @@
 Only what text generation changes is overridden: ``collect_rollouts`` (batched sampling with the
 policy's KV cache, one episode per env, reference logits from the env) and ``train`` (a PPO
 update over whole sequences with the KL terms of ``kl_estimators``); ``save`` and ``load`` keep
-SB3's signatures but use the pickle-free format of ``agents.checkpoint`` (via
-``agents.training_state``). ``learn``,
+SB3's signatures but use the pickle-free format of ``agents.state.checkpoint`` (via
+``agents.state.training_state``). ``learn``,
 ``predict``, callbacks and the logger are SB3's own.
 
 KL handling (beta = ``kl_coef``):
@@ -17,11 +17,11 @@ KL handling (beta = ``kl_coef``):
 - ``ref_logits``: ``"store"`` keeps pi_ref's [N, T, V] logits from the rollout; ``"recompute"``
   recomputes them per minibatch in ``train``; ``"hidden"`` keeps pi_ref's [N, T, d] final hidden
   states and computes every vocabulary-wide term of the update with ``kl_estimators.fused_kl``, so
-  no [b, T, V] logits exist (``agents.reference`` gives the memory formulas).
+  no [b, T, V] logits exist (``agents.rollout.reference`` gives the memory formulas).
 - ``kl_loss``: GRPO-style autodiff of a sampled estimate (k1/k2/k3-loss), for study; their biases
   are documented in ``kl_estimators.gradients``.
 
-Action masks (``agents.masking``): with ``mask_top_k`` / ``mask_top_p`` PPOKL is NLPO: at each
+Action masks (``agents.rollout.masking``): with ``mask_top_k`` / ``mask_top_p`` PPOKL is NLPO: at each
 step only the top-k / top-p tokens of a frozen masking policy (a copy of the policy, re-synced at
 the start of every ``mask_sync_every``-th iteration) may be sampled; an env with its own
 ``action_masks()`` (lmgym's ``mask_top_k`` / ``mask_top_p``) is honoured the same way. The policy
@@ -47,13 +47,13 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import kl_estimators
 from agents import distributed
-from agents.advantages import KL_REWARDS
-from agents.buffer import SequenceBatch, SequenceRolloutBuffer
-from agents.masking import EnvMasks, NucleusMasks, env_masks_enabled, frozen_copy, masked_entropy, masked_logits, sync_masking_policy
+from agents.rollout.advantages import KL_REWARDS
+from agents.rollout.buffer import SequenceBatch, SequenceRolloutBuffer
+from agents.rollout.masking import EnvMasks, NucleusMasks, env_masks_enabled, frozen_copy, masked_entropy, masked_logits, sync_masking_policy
 from agents.policy import CausalLMPolicy
-from agents.reference import check_ref_logits_mode, linear_logits, reference_hidden, with_reference_logits
-from agents.sampling import sample_episodes, trim_left_padding
-from agents.training_state import check_finite, load_ppokl, save_ppokl
+from agents.rollout.reference import check_ref_logits_mode, linear_logits, reference_hidden, with_reference_logits
+from agents.rollout.sampling import sample_episodes, trim_left_padding
+from agents.state.training_state import check_finite, load_ppokl, save_ppokl
 from agents.vec_env import LMGymVecEnv
 from lmgym.masks import check_mask_options
 
@@ -243,7 +243,7 @@ class PPOKL(PPO):
         return int(np.random.SeedSequence([self.seed, self.n_iterations]).generate_state(1)[0])
 
     def save(self, path: str | Path, exclude: Any = None, include: Any = None) -> None:
-        """Write the training state to ``path`` as safetensors + JSON (``agents.checkpoint``);
+        """Write the training state to ``path`` as safetensors + JSON (``agents.state.checkpoint``);
         ``exclude``/``include`` (SB3's pickle selection) do not apply and must be None."""
         if exclude is not None or include is not None:
             raise ValueError("PPOKL.save stores the whole training state: exclude/include are not supported")

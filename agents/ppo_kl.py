@@ -2,17 +2,17 @@
 
     python -m agents.ppo_kl --analytic-grad --kl-reward analytic --iters 20 --out runs/analytic
 
-Writes into ``--out`` (see ``agents.run_dir``): ``metrics.csv``, ``checkpoint.safetensors``
+Writes into ``--out`` (see ``agents.cli.run_dir``): ``metrics.csv``, ``checkpoint.safetensors``
 (every ``--save-every`` iterations), ``policy/`` (the trained LM as a Hugging Face folder with a
 model card, at the end), ``curves.png``, ``args.json`` and SB3's CSV and TensorBoard logs, under an
 exclusive lock on ``--out``. ``--resume`` continues the run from its checkpoint exactly, once the
 checkpoint, the run's settings, the model and the files have been checked against each other:
 the rows written after it are dropped, the resumed iterations reproduce those of an
-uninterrupted run with the same seed, and the finish steps (``agents.finish``) are completed.
+uninterrupted run with the same seed, and the finish steps (``agents.cli.finish``) are completed.
 Errors are one line and exit 2; Ctrl-C is one line and exit 130 (docs/reliability.md).
 
 NLPO (PPO with the actions restricted to the top-p nucleus of a masking policy that is a copy of
-the policy synced every few iterations; see ``agents.masking``):
+the policy synced every few iterations; see ``agents.rollout.masking``):
 
     python -m agents.ppo_kl --config configs/nlpo_demo.yaml --out runs/nlpo
 
@@ -37,13 +37,13 @@ import lmgym  # noqa: F401  (registers IMDBContinuation-v0)
 from lmgym.assets import AssetUnavailableError
 from agents import distributed
 from agents.algorithm import PPOKL
-from agents.checkpoint import CheckpointMeta, read_meta
-from agents.config import Args, differing_settings, parse_args
+from agents.state.checkpoint import CheckpointMeta, read_meta
+from agents.cli.config import Args, differing_settings, parse_args
 from agents.device import DTYPES, cast_frozen
-from agents.finish import finish
+from agents.cli.finish import finish
 from agents.lora import share_base_as_reference
-from agents.monitor import TrainingMonitor
-from agents.run_dir import (
+from agents.cli.monitor import TrainingMonitor
+from agents.cli.run_dir import (
     ARGS,
     CHECKPOINT,
     RUN_FILES,

@@ -26,7 +26,7 @@ PPOKL / baseline that equal matmul efficiency would give.
 
     python bench/bench_iteration.py [--config configs/demo.yaml] [--rounds 4] [--threads 1] [any agents.ppo_kl flag]
 
-Flags it does not know go to the run's arguments (``agents.config``), e.g. ``--ref-logits hidden``
+Flags it does not know go to the run's arguments (``agents.cli.config``), e.g. ``--ref-logits hidden``
 or ``--model PATH``.
 """
 
@@ -44,9 +44,9 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import Logger
 from torch import nn
 
-from agents.advantages import gae, shaped_rewards
+from agents.rollout.advantages import gae, shaped_rewards
 from agents.algorithm import PPOKL
-from agents.config import Args, parse_args
+from agents.cli.config import Args, parse_args
 from agents.ppo_kl import build_model, make_envs
 import kl_estimators
 from lmgym.assets import load_causal_lm

@@ -8,7 +8,7 @@ the vocabulary's width) split from the others.
 
     python bench/profile_iteration.py [--config configs/demo.yaml] [--iters 2] [--threads 1] [--torch-profile] [any agents.ppo_kl flag]
 
-Flags it does not know go to the run's arguments (``agents.config``), e.g. ``--ref-logits hidden``.
+Flags it does not know go to the run's arguments (``agents.cli.config``), e.g. ``--ref-logits hidden``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch
 from stable_baselines3.common.callbacks import CallbackList
 
 import kl_estimators
-from agents import algorithm, sampling
-from agents.config import parse_args
+from agents import algorithm
+from agents.rollout import sampling
+from agents.cli.config import parse_args
 from agents.ppo_kl import build_model, make_envs
 from bench_iteration import quiet
 from lmgym import decoding

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.config import Args, parse_args
-from agents.run_dir import CHECKPOINT, METRICS, POLICY, atomic_write, read_rows
+from agents.cli.config import Args, parse_args
+from agents.cli.run_dir import CHECKPOINT, METRICS, POLICY, atomic_write, read_rows
 from lmgym.assets import load_causal_lm
 from lmgym.prompts import HELD_OUT, load_prompts
 from lmgym.task import ContinuationTask
@@ -58,7 +58,7 @@ VARIANTS: dict[str, Variant] = {
     "analytic-agrad": Variant("analytic reward + analytic grad", ("--kl-reward", "analytic", "--analytic-grad")),
     "k3-loss": Variant("k3 loss, no KL reward (GRPO)", ("--kl-loss", "k3-loss", "--kl-reward", "none", "--no-analytic-grad")),
     # NLPO: analytic-agrad's KL handling, sampling restricted to the top-p nucleus of a masking
-    # policy synced every 5 iterations (agents.masking); not in the default grid
+    # policy synced every 5 iterations (agents.rollout.masking); not in the default grid
     **{
         f"nlpo-p{p:g}": Variant(
             f"NLPO top-p {p:g} (analytic reward + grad)",

@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 import kl_estimators
-from agents.evaluation import distinct_n
+from agents.cli.evaluation import distinct_n
 from lmgym.decoding import IncrementalDecoder
 from lmgym.task import ContinuationTask, log_prob
 

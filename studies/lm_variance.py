@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kl_estimators
-from agents.run_dir import atomic_write
+from agents.cli.run_dir import atomic_write
 from lmgym.assets import load_causal_lm
 from lmgym.decoding import IncrementalDecoder
 from lmgym.task import ContinuationTask

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agents.run_dir import CHECKPOINT, POLICY
+from agents.cli.run_dir import CHECKPOINT, POLICY
 
 REPO = Path(__file__).resolve().parents[1]
 BETAS = (0.3, 0.1, 0.03)

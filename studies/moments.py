@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import kl_estimators
-from agents.run_dir import atomic_write
+from agents.cli.run_dir import atomic_write
 from studies.moments_exact import Problem, exact_moments
 from studies.tabular_model import make_instance
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kl_estimators
-from agents.advantages import gae, last_valid_index, per_token_kl, shaped_rewards
+from agents.rollout.advantages import gae, last_valid_index, per_token_kl, shaped_rewards
 
 
 def reference_gae(rewards, values, gamma, lam):

@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from agents import PPOKL
-from agents.checkpoint import CheckpointError
+from agents.state.checkpoint import CheckpointError
 from agents.ppo_kl import main
-from agents.run_dir import export_policy
+from agents.cli.run_dir import export_policy
 from tests.agents_helpers import make_env, make_model
 from tests.test_agents_cli import tiny_run_flags
 

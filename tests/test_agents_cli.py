@@ -11,7 +11,7 @@ import pytest
 
 import torch
 
-from agents.config import build_parser, parse_args
+from agents.cli.config import build_parser, parse_args
 from agents.ppo_kl import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from agents import PPOKL
-from agents.config import parse_args
+from agents.cli.config import parse_args
 from agents.device import checkpointed_layers, device_error
-from agents.evaluation import evaluate
+from agents.cli.evaluation import evaluate
 from tests.agents_helpers import make_env, make_model
 from tests.test_agents_ppo import one_rollout
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from agents.checkpoint import read_checkpoint
+from agents.state.checkpoint import read_checkpoint
 from agents.ppo_kl import main
-from agents.run_dir import lock_run_dir
-from agents.training_state import non_finite
+from agents.cli.run_dir import lock_run_dir
+from agents.state.training_state import non_finite
 from tests.fault_cases import FAULT_CASES
 from tests.test_agents_cli import run_main, tiny_run_flags
 
@@ -148,7 +148,7 @@ def test_ctrl_c_is_one_line_exit_130_and_resumes_exactly(finished_run, tiny_lm_p
 
 
 def test_full_disk_during_a_checkpoint_write_is_one_line_and_resumes_exactly(finished_run, tiny_lm_path, tmp_path, capsys, monkeypatch):
-    import agents.training_state as training_state
+    import agents.state.training_state as training_state
 
     out = tmp_path / "run"
     writes = []
@@ -171,7 +171,7 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_resumes_exactly(fin
 
 
 def test_read_only_out_is_one_line(tiny_lm_path, tmp_path, capsys, monkeypatch):
-    import agents.run_dir as run_dir
+    import agents.cli.run_dir as run_dir
 
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run"))
@@ -209,8 +209,8 @@ def test_model_card_front_matter_names_the_hub_base_model(model, base, licence, 
     folder has no Hub base model to name."""
     import yaml
 
-    from agents.config import Args
-    from agents.model_card import exported_at, model_card
+    from agents.cli.config import Args
+    from agents.cli.model_card import exported_at, model_card
 
     card = model_card(Args(model=model, kl_reward="analytic", analytic_grad=True), [], 4, 40, ["--iters", "4"])
     front = yaml.safe_load(card.split("---\n")[1])

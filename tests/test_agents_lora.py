@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from agents.lora import BaseModelView, share_base_as_reference
-from agents.reference import reference_logits
+from agents.rollout.reference import reference_logits
 from lmgym.assets import load_causal_lm
 from tests.agents_helpers import make_model
 from tests.test_agents_ppo import one_rollout
@@ -69,7 +69,7 @@ def test_lora_with_recomputed_or_hidden_reference_trains_like_stored(tiny_lm_pat
 
 
 def test_bad_lora_rank_is_a_clear_error(tiny_lm_path, capsys):
-    from agents.config import parse_args
+    from agents.cli.config import parse_args
 
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--lora-rank", "-1"])

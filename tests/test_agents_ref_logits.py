@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agents.reference import linear_logits, memory_bytes, reference_hidden, with_reference_logits
+from agents.rollout.reference import linear_logits, memory_bytes, reference_hidden, with_reference_logits
 from lmgym.decoding import forward_last
 from tests.agents_helpers import make_env, make_model
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.sampling import sample_episodes, trim_left_padding
+from agents.rollout.sampling import sample_episodes, trim_left_padding
 from tests.agents_helpers import make_env, make_model
 
 EOS_AT = {1: [1], 3: [0, 2]}  # sampler call -> rows forced to write EOS (episodes end mid-rollout)

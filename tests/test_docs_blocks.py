@@ -39,10 +39,10 @@ def test_a_block_naming_a_missing_source_fails_loudly(bad):
 
 
 def test_the_cli_reference_is_generated_from_the_parser_and_lists_every_flag():
-    """docs/ppokl.md's CLI table comes from agents.config.build_parser: one row per flag of Args."""
+    """docs/ppokl.md's CLI table comes from agents.cli.config.build_parser: one row per flag of Args."""
     import dataclasses
 
-    from agents.config import Args
+    from agents.cli.config import Args
     from tools.cli_reference import ppo_kl_flags
 
     assert "tools.cli_reference:ppo_kl_flags" in set(docs_blocks.sources((docs_blocks.ROOT / "docs" / "ppokl.md").read_text()))

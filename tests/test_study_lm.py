@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import studies.lm as study
-from agents.run_dir import CHECKPOINT, METRICS, POLICY, read_rows
+from agents.cli.run_dir import CHECKPOINT, METRICS, POLICY, read_rows
 from lmgym.task import ContinuationTask
 from studies.lm_eval import evaluate_held_out
 from studies.lm_report import aggregate, compute_summary, mean_sem, paired_table, table

@@ -1,5 +1,5 @@
 """The command-line reference of ``python -m agents.ppo_kl`` as Markdown, generated from its argument
-parser (``agents.config.build_parser``), so the documented flags cannot drift from the real ones.
+parser (``agents.cli.config.build_parser``), so the documented flags cannot drift from the real ones.
 
 Used in docs/ppokl.md through ``<!-- generated: tools.cli_reference:ppo_kl_flags -->``
 (see tools/docs_blocks.py).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from agents.config import build_parser
+from agents.cli.config import build_parser
 
 
 def _cell(text: str) -> str:

@@ -16,11 +16,11 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from agents.advantages import KL_REWARDS
+from agents.rollout.advantages import KL_REWARDS
 from agents.algorithm import KL_LOSSES, check_kl_options
-from agents.checkpoint import CheckpointError, read_meta
+from agents.state.checkpoint import CheckpointError, read_meta
 from agents.device import DTYPES, device_error
-from agents.reference import REF_LOGITS_MODES
+from agents.rollout.reference import REF_LOGITS_MODES
 
 
 def _arg(default: Any, help: str, **extra: Any) -> Any:
@@ -47,7 +47,7 @@ class Args:
     analytic_grad: bool = _arg(False, "add the exact per-position KL to the loss and drop the current token's KL from its advantage")
     kl_loss: str | None = _arg(None, "GRPO-style autodiff KL loss, for study", choices=KL_LOSSES)
     ref_logits: str = _arg("store", "reference logits for the analytic KL: 'store' [N, T, V] from the rollout, 'recompute' per minibatch (no storage, one extra reference forward), or 'hidden' (store pi_ref's [N, T, d] hidden states; the update computes the KL fused, with no [b, T, V] logits)", choices=REF_LOGITS_MODES)
-    # NLPO action masks (agents.masking)
+    # NLPO action masks (agents.rollout.masking)
     mask_top_k: int | None = _arg(None, "NLPO: sample only the top-k tokens of the masking policy (a frozen, periodically synced copy of the policy)")
     mask_top_p: float | None = _arg(None, "NLPO: sample only the top-p nucleus of the masking policy (RL4LMs: 0.9)")
     mask_sync_every: int = _arg(5, "NLPO: copy the policy into the masking policy every N iterations")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from agents.policy import CausalLMPolicy
-from agents.sampling import sample_episodes, trim_left_padding
+from agents.rollout.sampling import sample_episodes, trim_left_padding
 from agents.vec_env import LMGymVecEnv
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from agents.config import Args, command_line
-from agents.evaluation import evaluate
-from agents.model_card import exported_at, model_card
-from agents.plots import plot_curves
-from agents.run_dir import CURVES, METRICS, POLICY, export_policy, read_rows, write_rows
+from agents.cli.config import Args, command_line
+from agents.cli.evaluation import evaluate
+from agents.cli.model_card import exported_at, model_card
+from agents.cli.plots import plot_curves
+from agents.cli.run_dir import CURVES, METRICS, POLICY, export_policy, read_rows, write_rows
 from agents.vec_env import LMGymVecEnv
 
 

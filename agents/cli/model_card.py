@@ -85,9 +85,9 @@ def _table(rows: Mapping[str, Any]) -> str:
 
 
 def model_card(args: Any, metrics: list[dict[str, str]], n_iterations: int, num_timesteps: int, command: list[str]) -> str:
-    """The card's Markdown for a run with arguments ``args`` (``agents.config.Args``), its metrics.csv
+    """The card's Markdown for a run with arguments ``args`` (``agents.cli.config.Args``), its metrics.csv
     rows ``metrics``, exported after ``n_iterations`` iterations; ``command`` gives the run's
-    settings as flags (``agents.config.command_line``)."""
+    settings as flags (``agents.cli.config.command_line``)."""
     settings = {key: value for key, value in dataclasses.asdict(args).items() if key != "resume"}
     base, licence = _base_model(args.model)
     estimator = kl_estimator(args.kl_reward, args.analytic_grad, args.kl_loss)

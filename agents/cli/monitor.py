@@ -1,5 +1,5 @@
 """The CLI's SB3 callback: progress bar, metrics.csv, periodic evaluation, checkpoints and curves
-(the finish steps after the last iteration are ``agents.finish``)."""
+(the finish steps after the last iteration are ``agents.cli.finish``)."""
 from __future__ import annotations
 
 import time
@@ -9,9 +9,9 @@ from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
 from agents import distributed
-from agents.run_dir import CURVES, METRICS, read_rows, save_checkpoint, write_rows
-from agents.evaluation import evaluate
-from agents.plots import plot_curves
+from agents.cli.run_dir import CURVES, METRICS, read_rows, save_checkpoint, write_rows
+from agents.cli.evaluation import evaluate
+from agents.cli.plots import plot_curves
 from agents.vec_env import LMGymVecEnv
 
 LOGGED = (

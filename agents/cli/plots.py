@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from agents.run_dir import atomic_write  # noqa: E402
+from agents.cli.run_dir import atomic_write  # noqa: E402
 
 PANELS = (
     ("rollout/task_reward", "task reward (sentiment)"),

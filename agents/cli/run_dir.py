@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING
 
 from stable_baselines3.common.logger import CSVOutputFormat, Logger, make_output_format
 
-from agents.training_state import save_ppokl
+from agents.state.training_state import save_ppokl
 
 if TYPE_CHECKING:
     from agents.algorithm import PPOKL

@@ -4,7 +4,7 @@ Memory/recomputation trade-off: the reference model's next-token logits are kept
 generated position in float32 (``[n_envs, T, V]``: 10 x 48 x 49,152 x 4 B = 94 MB for the
 default run), because the analytic KL gradient needs the whole reference distribution at each
 position and recomputing it would cost one more reference forward per epoch (``ref_logits=
-"recompute"`` does that instead: see ``agents.reference``). The seed kept
+"recompute"`` does that instead: see ``agents.rollout.reference``). The seed kept
 float64 logits per buffer entry *and* per-transition copies of the observation; here each
 sequence is stored once (prompt ids + sampled tokens) and the policy's logits are recomputed in
 ``train`` by one forward per minibatch of whole sequences.
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from gymnasium import spaces
 
-from agents.advantages import gae, per_token_kl, shaped_rewards
-from agents.sampling import SampledStep
+from agents.rollout.advantages import gae, per_token_kl, shaped_rewards
+from agents.rollout.sampling import SampledStep
 
 
 @dataclass
@@ -31,7 +31,7 @@ class SequenceBatch:
     mask: torch.Tensor  # [b, T] bool, generated tokens
     old_logprobs: torch.Tensor  # [b, T]
     ref_logprobs: torch.Tensor  # [b, T]
-    ref_logits: torch.Tensor | None  # [b, T, V], None when not stored (see agents.reference)
+    ref_logits: torch.Tensor | None  # [b, T, V], None when not stored (see agents.rollout.reference)
     old_values: torch.Tensor  # [b, T]
     advantages: torch.Tensor  # [b, T]
     returns: torch.Tensor  # [b, T]

@@ -43,8 +43,8 @@ from kl_estimators import LinearLogits
 
 from lmgym.decoding import forward_last
 
-if TYPE_CHECKING:  # agents.buffer imports agents.sampling, which imports this module
-    from agents.buffer import SequenceBatch
+if TYPE_CHECKING:  # agents.rollout.buffer imports agents.rollout.sampling, which imports this module
+    from agents.rollout.buffer import SequenceBatch
 
 REF_LOGITS_MODES = ("store", "recompute", "hidden")
 

@@ -6,7 +6,7 @@ the exact per-position KL is computed here. With ``fused_reference`` no logits a
 final hidden states come from one forward after sampling, and KL_t and log pi_ref(y_t) from both
 models' hidden states through ``kl_estimators.fused_kl`` (``ref_logits="hidden"``).
 
-With action masks (``agents.masking``) the policy that samples is the masked pi^M: its logits are
+With action masks (``agents.rollout.masking``) the policy that samples is the masked pi^M: its logits are
 -inf outside the mask, the action and its log-prob come from sb3-contrib's ``MaskableCategorical``,
 the mask is stored with the step, and the analytic KL is KL(pi^M(.|s_t) || pi_ref(.|s_t)).
 """
@@ -21,9 +21,9 @@ import torch
 from sb3_contrib.common.maskable.distributions import MaskableCategorical
 
 import kl_estimators
-from agents.masking import masked_logits
+from agents.rollout.masking import masked_logits
 from agents.policy import CausalLMPolicy
-from agents.reference import linear_logits, reference_hidden
+from agents.rollout.reference import linear_logits, reference_hidden
 from agents.vec_env import LMGymVecEnv
 from lmgym.decoding import IncrementalDecoder
 from lmgym.task import log_prob

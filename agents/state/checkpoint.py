@@ -9,7 +9,7 @@ of numpy and python, the identity of the model the policy was built from (name, 
 vocabulary) and, for a run of ``python -m agents.ppo_kl``, the run's arguments. Tensors that share
 storage (tied embeddings) are stored once; ``aliases`` maps the other names to the stored one.
 
-This module knows only the format; ``agents.training_state`` moves a ``PPOKL`` into and out of
+This module knows only the format; ``agents.state.training_state`` moves a ``PPOKL`` into and out of
 it. A stable-baselines3 zip (whose ``data`` member is pickled and can run code when loaded) is
 refused. A malformed file is a ``CheckpointError`` of one line naming the file and the field.
 
@@ -249,7 +249,7 @@ def parse_meta(raw: Any, path: Path) -> CheckpointMeta:
 
 
 def write_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: CheckpointMeta) -> None:
-    """Write ``tensors`` and ``meta`` to ``path`` (not atomically: see ``agents.run_dir.atomic_write``)."""
+    """Write ``tensors`` and ``meta`` to ``path`` (not atomically: see ``agents.cli.run_dir.atomic_write``)."""
     save_file(dict(tensors), str(path), metadata={META_KEY: meta.to_json()})
 
 

@@ -1,4 +1,4 @@
-"""A PPOKL's full training state into and out of the checkpoint format of ``agents.checkpoint``.
+"""A PPOKL's full training state into and out of the checkpoint format of ``agents.state.checkpoint``.
 
 ``save_ppokl`` refuses to write non-finite parameters or optimizer state (``NonFiniteStateError``),
 so a diverged update never replaces the last good checkpoint. ``load_ppokl`` builds a fresh model
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 
-from agents.checkpoint import EPISODE_BUFFERS, CheckpointError, CheckpointMeta, Counters, ModelIdentity, read_checkpoint, write_checkpoint
+from agents.state.checkpoint import EPISODE_BUFFERS, CheckpointError, CheckpointMeta, Counters, ModelIdentity, read_checkpoint, write_checkpoint
 
 
 class NonFiniteStateError(FloatingPointError):
