@@ -40,34 +40,12 @@ from lmgym.assets import load_causal_lm
 from lmgym.prompts import HELD_OUT, load_prompts
 from lmgym.task import ContinuationTask
 from studies.lm_eval import HeldOutScores, evaluate_held_out
+from studies.lm_grid import DEFAULT_VARIANTS, VARIANTS
 from studies.lm_report import RUN_RESULTS, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True)
-class Variant:
-    label: str
-    flags: tuple[str, ...]
-
-
-VARIANTS: dict[str, Variant] = {
-    "k1": Variant("k1 reward (RL4LMs)", ("--kl-reward", "k1", "--no-analytic-grad")),
-    "analytic-biased": Variant("analytic reward, no analytic grad (biased)", ("--kl-reward", "analytic", "--no-analytic-grad")),
-    "k1-agrad": Variant("k1 reward + analytic grad", ("--kl-reward", "k1", "--analytic-grad")),
-    "analytic-agrad": Variant("analytic reward + analytic grad", ("--kl-reward", "analytic", "--analytic-grad")),
-    "k3-loss": Variant("k3 loss, no KL reward (GRPO)", ("--kl-loss", "k3-loss", "--kl-reward", "none", "--no-analytic-grad")),
-    # NLPO: analytic-agrad's KL handling, sampling restricted to the top-p nucleus of a masking
-    # policy synced every 5 iterations (agents.rollout.masking); not in the default grid
-    **{
-        f"nlpo-p{p:g}": Variant(
-            f"NLPO top-p {p:g} (analytic reward + grad)",
-            ("--kl-reward", "analytic", "--analytic-grad", "--mask-top-p", str(p), "--mask-sync-every", "5"),
-        )
-        for p in (0.9, 0.5)
-    },
-}
-DEFAULT_VARIANTS = ["k1", "analytic-biased", "k1-agrad", "analytic-agrad", "k3-loss"]
 VARIANT_KEYS = ("kl_reward", "analytic_grad", "kl_loss", "kl_coef", "seed", "out", "resume", "mask_top_k", "mask_top_p", "mask_sync_every")
 TRAIN_LOG = "train.log"
 WALL_SECONDS = "wall_seconds.txt"

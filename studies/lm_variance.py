@@ -42,15 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import kl_estimators
-from agents.cli.run_dir import atomic_write
 from lmgym.assets import load_causal_lm
 from lmgym.decoding import IncrementalDecoder
 from lmgym.task import ContinuationTask
 from studies.lm_variance_policies import BEHAVIOUR, BETAS, run_dir
+from studies.lm_variance_records import load_raw, raw_path, save_raw
 from studies.moments import label
 
 K_V, K_D = 16, 16  # projection sizes along the vocabulary and the hidden dimension
@@ -158,22 +156,6 @@ def policy_names(betas: list[float]) -> list[str]:
     return ["reference", *(run_dir(Path(), beta).name for beta in betas)]
 
 
-def raw_path(raw: Path, policy: str, regime: str) -> Path:
-    return raw / f"{policy}-{regime}.safetensors"
-
-
-def _save(path: Path, data: dict[str, torch.Tensor], meta: dict) -> None:
-    tensors = {k: v.contiguous() for k, v in data.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)}))
-
-
-def load_raw(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The per-sequence tensors of one raw file and its metadata."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    return load_file(str(path)), meta
-
-
 def chunk_record(s: Sampled, runs, c, a) -> dict[str, torch.Tensor]:
     """The per-sequence rows one sampled chunk adds to the raw file."""
     projected, exact = sequence_statistics(s, runs, c, a)
@@ -210,7 +192,7 @@ def measure(raw: Path, root: Path, name: str, regime: str, n_sequences: int, chu
             rows.setdefault(key, []).append(value)
         done += chunk
         meta["seconds"] += time.perf_counter() - start
-        _save(path, {k: torch.cat(v) for k, v in rows.items()}, meta)
+        save_raw(path, {k: torch.cat(v) for k, v in rows.items()}, meta)
         print(f"{name} {regime}: {done}/{n_sequences} sequences", flush=True)
 
 

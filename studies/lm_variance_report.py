@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from studies.lm_variance import load_raw
+from studies.lm_variance_records import load_raw
 from studies.moments_report import crossover
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "lm_variance"
@@ -263,7 +263,7 @@ SMALL_BATCH = RESULTS.parent / "lm_small_batch"
 def small_batch_table(folder: Path = SMALL_BATCH) -> str:
     """The paired LM comparison at 4 sequences per rollout (``configs/study_lm_small_batch.yaml``):
     ``studies.lm_report``'s table and paired differences against k1 in the reward."""
-    from studies.lm import VARIANTS
+    from studies.lm_grid import VARIANTS
     from studies.lm_report import aggregate, compute_summary, load_records, paired_table, table
 
     records, reference = load_records(folder)

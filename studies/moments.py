@@ -28,27 +28,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import kl_estimators
 from agents.cli.run_dir import atomic_write
 from studies.moments_exact import Problem, exact_moments
+from studies.moments_grid import BASE, CLIP_STALENESS, CLIPPED, CLIPS, OFF_POLICY_VARIANTS, SEEDS, STALENESS
 from studies.tabular_model import make_instance
-
-SEEDS = (0, 1, 2)
-BASE = dict(vocab=3, length=3, beta=0.3)
-STALENESS = (0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
-CLIP_STALENESS = 1.0
-CLIPS = (1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
-# Off-policy variants made unbiased (or PPO-like) by options, beside the estimators' defaults.
-OFF_POLICY_VARIANTS: tuple[tuple[str, dict], ...] = (
-    ("reinforce", {"importance": "sequence"}),
-    ("reinforce-future", {"importance": "sequence"}),
-    ("reinforce-future", {"importance": "token"}),
-    ("analytic-future", {"importance": "sequence"}),
-    ("k3-loss", {"importance": "token"}),
-)
-CLIPPED = ("reinforce-future-is", "analytic-future-is", "k3+is", "k3-ratio")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from studies.moments_grid import BASE
+
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "moments"
 BATCH_SIZES = (1, 4, 16, 64, 256)
 # Regimes of the recommendation table: (name, sweep, staleness s of mu_s).
@@ -73,7 +75,6 @@ def _sweep(points: dict, sweep: str) -> list[tuple[tuple, dict]]:
 
 
 def _base(points: dict) -> dict:
-    from studies.moments import BASE
 
     return points[("beta", BASE["vocab"], BASE["length"], BASE["beta"], None, None)]
 
@@ -176,7 +177,6 @@ def regime_summary(point: dict) -> dict:
 def recommendation_table(folder: Path = RESULTS) -> str:
     """Per regime: the best unbiased estimator, the lowest-MSE one per batch size, and the batch
     size below which the best biased low-variance estimator wins."""
-    from studies.moments import BASE
 
     points = aggregate(load_cells(folder))
     rows = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kl_estimators import ESTIMATOR_INFO
-from studies.lm import VARIANTS
+from studies.lm_grid import VARIANTS
 from studies.lm_report import aggregate, load_records, paired_table, table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,31 +12,12 @@ sequence is stored once (prompt ids + sampled tokens) and the policy's logits ar
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from gymnasium import spaces
 
 from agents.rollout.advantages import gae, per_token_kl, shaped_rewards
-from agents.rollout.sampling import SampledStep
-
-
-@dataclass
-class SequenceBatch:
-    """A minibatch of whole sequences: prompt (left-padded) followed by the sampled tokens."""
-
-    input_ids: torch.Tensor  # [b, P + T]
-    attention_mask: torch.Tensor  # [b, P + T]
-    actions: torch.Tensor  # [b, T]
-    mask: torch.Tensor  # [b, T] bool, generated tokens
-    old_logprobs: torch.Tensor  # [b, T]
-    ref_logprobs: torch.Tensor  # [b, T]
-    ref_logits: torch.Tensor | None  # [b, T, V], None when not stored (see agents.rollout.reference)
-    old_values: torch.Tensor  # [b, T]
-    advantages: torch.Tensor  # [b, T]
-    returns: torch.Tensor  # [b, T]
-    ref_hidden: torch.Tensor | None = None  # [b, T, d] pi_ref's final hidden states (ref_logits="hidden")
-    action_masks: torch.Tensor | None = None  # [b, T, V] bool allowed tokens, None when unmasked
+from agents.rollout.records import SampledStep, SequenceBatch
 
 
 class SequenceRolloutBuffer:

@@ -34,17 +34,14 @@ in backward (three more ``[c, d] x [d, V]`` products per chunk than unfused).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
 from kl_estimators import LinearLogits
 
+from agents.rollout.records import SequenceBatch
 from lmgym.decoding import forward_last
-
-if TYPE_CHECKING:  # agents.rollout.buffer imports agents.rollout.sampling, which imports this module
-    from agents.rollout.buffer import SequenceBatch
 
 REF_LOGITS_MODES = ("store", "recompute", "hidden")
 

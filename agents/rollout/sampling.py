@@ -13,8 +13,7 @@ the mask is stored with the step, and the analytic KL is KL(pi^M(.|s_t) || pi_re
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from sb3_contrib.common.maskable.distributions import MaskableCategorical
 import kl_estimators
 from agents.rollout.masking import masked_logits
 from agents.policy import CausalLMPolicy
+from agents.rollout.records import SampledStep
 from agents.rollout.reference import linear_logits, reference_hidden
 from agents.vec_env import LMGymVecEnv
 from lmgym.decoding import IncrementalDecoder
@@ -38,31 +38,13 @@ def trim_left_padding(input_ids: np.ndarray, attention_mask: np.ndarray) -> tupl
     return ids[:, first:], mask[:, first:]
 
 
-@dataclass
-class SampledStep:
-    """One env step for all N envs; rows where ``active`` is False belong to no tracked episode."""
-
-    active: torch.Tensor  # [N] bool: the env is still in the episode that started the rollout
-    actions: torch.Tensor  # [N]
-    logprobs: torch.Tensor  # [N] log pi(a_t | s_t)
-    values: torch.Tensor  # [N] V(s_t)
-    rewards: np.ndarray
-    dones: np.ndarray
-    infos: list[dict[str, Any]]
-    new_obs: dict[str, np.ndarray]
-    ref_logits: torch.Tensor | None = None  # [N, V] pi_ref logits at s_t
-    ref_logprobs: torch.Tensor | None = None  # [N] log pi_ref(a_t | s_t)
-    analytic_kl: torch.Tensor | None = None  # [N] KL(pi(.|s_t) || pi_ref(.|s_t))
-    action_masks: torch.Tensor | None = None  # [N, V] bool allowed tokens at s_t, None if unmasked
-    ref_hidden: torch.Tensor | None = None  # [N, d] pi_ref's final hidden state at s_t (fused_reference)
-
-    def with_reference(self, logits: torch.Tensor, ref_logits: torch.Tensor) -> SampledStep:
-        """This step with pi_ref's terms, from the policy's and pi_ref's logits [N, V] at s_t."""
-        self.ref_logits = ref_logits
-        self.ref_logprobs = log_prob(ref_logits, self.actions)
-        with torch.no_grad():
-            self.analytic_kl = kl_estimators.analytic(logits, ref_logits)
-        return self
+def set_reference_terms(step: SampledStep, logits: torch.Tensor, ref_logits: torch.Tensor) -> None:
+    """Fill ``step``'s pi_ref terms in place from the policy's and pi_ref's logits [N, V] at s_t:
+    the logits, log pi_ref(a_t | s_t) and KL(pi(.|s_t) || pi_ref(.|s_t))."""
+    step.ref_logits = ref_logits
+    step.ref_logprobs = log_prob(ref_logits, step.actions)
+    with torch.no_grad():
+        step.analytic_kl = kl_estimators.analytic(logits, ref_logits)
 
 
 class StepMasks(Protocol):
@@ -127,7 +109,8 @@ def sample_episodes(
             action_masks=step_masks,
         )
         if per_step_ref:
-            yield step.with_reference(logits, ref_logits)
+            set_reference_terms(step, logits, ref_logits)
+            yield step
         else:
             pending.append((step, out.hidden if fused_reference else logits))
         active &= ~torch.as_tensor(dones)
@@ -141,7 +124,8 @@ def sample_episodes(
     elif pending:
         ref_logits = reference_logits(env, prompt_ids, prompt_mask, [step for step, _ in pending])
         for t, (step, logits) in enumerate(pending):
-            yield step.with_reference(logits, ref_logits[:, t])
+            set_reference_terms(step, logits, ref_logits[:, t])
+            yield step
 
 
 def with_fused_reference(
