@@ -47,30 +47,14 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import kl_estimators
 from agents import distributed
-from agents.rollout.advantages import KL_REWARDS
 from agents.rollout.buffer import SequenceBatch, SequenceRolloutBuffer
 from agents.rollout.masking import EnvMasks, NucleusMasks, env_masks_enabled, frozen_copy, masked_entropy, masked_logits, sync_masking_policy
+from agents.options import UNSTORED_ARGUMENTS, check_options
 from agents.policy import CausalLMPolicy
-from agents.rollout.reference import check_ref_logits_mode, linear_logits, reference_hidden, with_reference_logits
+from agents.rollout.reference import linear_logits, reference_hidden, with_reference_logits
 from agents.rollout.sampling import sample_episodes, trim_left_padding
 from agents.state.training_state import check_finite, load_ppokl, save_ppokl
 from agents.vec_env import LMGymVecEnv
-from lmgym.masks import check_mask_options
-
-KL_LOSSES = ("k1-loss", "k2-loss", "k3-loss")
-
-
-def check_kl_options(kl_reward: str, kl_loss: str | None, analytic_grad: bool, kl_coef: float) -> None:
-    """ValueError for an unknown or incompatible KL configuration (shared by PPOKL and the CLI)."""
-    if kl_reward not in KL_REWARDS:
-        raise ValueError(f"kl_reward must be one of {KL_REWARDS}, got {kl_reward!r}")
-    if kl_loss is not None and kl_loss not in KL_LOSSES:
-        raise ValueError(f"kl_loss must be one of {KL_LOSSES} or None, got {kl_loss!r}")
-    if analytic_grad and kl_loss is not None:
-        raise ValueError("analytic_grad and kl_loss both add a KL gradient term: choose one")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
@@ -125,12 +109,11 @@ class PPOKL(PPO):
         device: torch.device | str = "cpu",
         _init_setup_model: bool = True,
     ):
-        self.settings = {k: v for k, v in locals().items() if k not in ("self", "env", "device", "_init_setup_model", "__class__")}
-        check_kl_options(kl_reward, kl_loss, analytic_grad, kl_coef)
-        check_ref_logits_mode(ref_logits)
-        check_mask_options(mask_top_k, mask_top_p)
-        if mask_sync_every < 1:
-            raise ValueError(f"mask_sync_every must be >= 1, got {mask_sync_every}")
+        self.settings = {k: v for k, v in locals().items() if k not in UNSTORED_ARGUMENTS}
+        check_options(
+            kl_reward=kl_reward, kl_loss=kl_loss, analytic_grad=analytic_grad, ref_logits=ref_logits, kl_coef=kl_coef,
+            kl_target=kl_target, kl_horizon=kl_horizon, mask_top_k=mask_top_k, mask_top_p=mask_top_p, mask_sync_every=mask_sync_every,
+        )
         if kl_reward == "analytic" and not analytic_grad and kl_coef > 0:
             warnings.warn(
                 "kl_reward='analytic' without analytic_grad is a biased KL gradient: KL_t(s_t) does not "

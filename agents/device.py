@@ -21,7 +21,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from agents.options import DTYPE_NAMES
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # float32, bfloat16
 
 
 def device_error(device: str) -> str | None:

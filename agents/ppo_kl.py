@@ -38,7 +38,7 @@ from lmgym.assets import AssetUnavailableError
 from agents import distributed
 from agents.algorithm import PPOKL
 from agents.state.checkpoint import CheckpointMeta, read_meta
-from agents.cli.config import Args, differing_settings, parse_args
+from agents.cli.config import Args, differing_settings, parse_args, ppokl_settings
 from agents.device import DTYPES, cast_frozen
 from agents.cli.finish import finish
 from agents.lora import share_base_as_reference
@@ -97,40 +97,6 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
         **common,
     )
     return LMGymVecEnv(train), LMGymVecEnv(evaluation)
-
-
-def ppokl_settings(args: Args) -> dict:
-    """The ``PPOKL`` constructor settings of a run (a checkpoint stores the same, as JSON)."""
-    return dict(
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        n_epochs=args.n_epochs,
-        gamma=args.gamma,
-        gae_lambda=args.gae_lambda,
-        clip_range=args.clip_range,
-        normalize_advantage=args.normalize_advantage,
-        ent_coef=args.ent_coef,
-        vf_coef=args.vf_coef,
-        max_grad_norm=args.max_grad_norm,
-        kl_coef=args.kl_coef,
-        kl_target=args.target_kl,
-        kl_horizon=args.kl_horizon,
-        kl_reward=args.kl_reward,
-        analytic_grad=args.analytic_grad,
-        kl_loss=args.kl_loss,
-        ref_logits=args.ref_logits,
-        mask_top_k=args.mask_top_k,
-        mask_top_p=args.mask_top_p,
-        mask_sync_every=args.mask_sync_every,
-        policy_kwargs={
-            "model": args.model,
-            "vf_learning_rate": args.vf_learning_rate,
-            "dtype": args.dtype,
-            "gradient_checkpointing": args.gradient_checkpointing,
-            "lora_rank": args.lora_rank,
-        },
-        seed=args.seed,
-    )
 
 
 def check_resumable(args: Args, out: Path) -> CheckpointMeta:

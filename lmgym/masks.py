@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from lmgym.decoding import forward_last
+from lmgym.mask_options import check_mask_options
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,14 +33,6 @@ def next_token_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention
     """float32 ``[N, V]``: ``model``'s next-token logits after each row of a left-padded batch."""
     out = forward_last(model, input_ids.to(model.device), attention_mask.to(model.device), 1)
     return out.logits[:, -1].float()
-
-
-def check_mask_options(top_k: int | None, top_p: float | None) -> None:
-    """ValueError for an out-of-range top-k (>= 1) or top-p (in (0, 1])."""
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"mask top_k must be an integer >= 1 or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"mask top_p must be in (0, 1] or None, got {top_p!r}")
 
 
 def top_k_top_p_mask(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""The run's arguments: one dataclass mirrored by the CLI flags and the YAML config keys.
+"""The run's arguments: one dataclass (``Args``) from which the CLI flags (in groups), the YAML
+config keys and PPOKL's constructor settings (``ppokl_settings``, which a checkpoint stores) are
+all derived.
+
+Importing this module loads no torch (``--help`` answers at once): the device check and the
+checkpoint reader for ``--resume`` are imported when they are needed.
 
 Defaults follow the seed's IMDB config where it applies (RL4LMs GPT-2 IMDB PPO: 10 envs,
 64 prompt tokens, 48 new tokens, 5 epochs, batch 64, lr 1e-6, beta 0.1).
@@ -16,65 +21,79 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from agents.rollout.advantages import KL_REWARDS
-from agents.algorithm import KL_LOSSES, check_kl_options
-from agents.state.checkpoint import CheckpointError, read_meta
-from agents.device import DTYPES, device_error
-from agents.rollout.reference import REF_LOGITS_MODES
+from agents.options import DTYPE_NAMES, KL_LOSSES, KL_REWARDS, REF_LOGITS_MODES, VALIDATED, option_errors
 
 
-def _arg(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+def _arg(default: Any, help: str, group: str, ppokl: str | None = None, **extra: Any) -> Any:
+    """A field of ``Args``: its default, its help text, its CLI group and, for a setting of PPOKL,
+    where it goes: ``ppokl`` names the constructor argument (``"policy_kwargs.KEY"`` for a key of
+    ``policy_kwargs``)."""
+    return field(default=default, metadata={"help": help, "group": group, "ppokl": ppokl, **extra})
+
+
+def _asset(default: Any, help: str, **extra: Any) -> Any:
+    return _arg(default, help, "assets (passed through to the env)", **extra)
+
+
+def _kl(default: Any, help: str, **extra: Any) -> Any:
+    return _arg(default, help, "KL handling", **extra)
+
+
+def _mask(default: Any, help: str, **extra: Any) -> Any:
+    return _arg(default, help, "NLPO action masks (agents.rollout.masking)", **extra)
+
+
+def _ppo(default: Any, help: str, **extra: Any) -> Any:
+    return _arg(default, help, "PPO", **extra)
+
+
+def _run(default: Any, help: str, **extra: Any) -> Any:
+    return _arg(default, help, "run", **extra)
 
 
 @dataclass
 class Args:
     """Everything a PPO-KL run needs; each field is a CLI flag (``--kl-coef``) and a YAML key."""
 
-    # assets (passed through to the env)
-    model: str = _arg("smollm2-135m", "policy/reference LM: 'smollm2-135m' (embedded), a local path or a Hub id")
-    reward: str = _arg("vader", "reward model: 'vader' (embedded) or a text-classification model path/Hub id")
-    positive_label: int = _arg(1, "index of the positive label of a classifier reward")
-    dataset: str = _arg("bundled", "prompts: 'bundled', 'stanfordnlp/imdb', or a local csv/json/parquet with a text column")
-    max_prompt_tokens: int = _arg(64, "prompt length in tokens (truncated from the left)")
-    max_new_tokens: int = _arg(48, "tokens generated per episode")
-    n_envs: int = _arg(10, "prompts per rollout (batched env size)")
-    # KL handling
-    kl_coef: float = _arg(0.1, "beta: weight of the KL penalty (initial value with --target-kl)")
-    target_kl: float | None = _arg(None, "target sequence KL for the adaptive controller (omit for a fixed beta)")
-    kl_horizon: int = _arg(10_000, "horizon (in episodes) of the adaptive KL controller")
-    kl_reward: str = _arg("k1", "per-token KL in the reward", choices=KL_REWARDS)
-    analytic_grad: bool = _arg(False, "add the exact per-position KL to the loss and drop the current token's KL from its advantage")
-    kl_loss: str | None = _arg(None, "GRPO-style autodiff KL loss, for study", choices=KL_LOSSES)
-    ref_logits: str = _arg("store", "reference logits for the analytic KL: 'store' [N, T, V] from the rollout, 'recompute' per minibatch (no storage, one extra reference forward), or 'hidden' (store pi_ref's [N, T, d] hidden states; the update computes the KL fused, with no [b, T, V] logits)", choices=REF_LOGITS_MODES)
-    # NLPO action masks (agents.rollout.masking)
-    mask_top_k: int | None = _arg(None, "NLPO: sample only the top-k tokens of the masking policy (a frozen, periodically synced copy of the policy)")
-    mask_top_p: float | None = _arg(None, "NLPO: sample only the top-p nucleus of the masking policy (RL4LMs: 0.9)")
-    mask_sync_every: int = _arg(5, "NLPO: copy the policy into the masking policy every N iterations")
-    # PPO
-    learning_rate: float = _arg(1e-6, "learning rate of the language model")
-    vf_learning_rate: float = _arg(1e-4, "learning rate of the value head")
-    n_epochs: int = _arg(5, "PPO epochs per rollout")
-    batch_size: int = _arg(64, "minibatch size in tokens (rounded to whole sequences)")
-    clip_range: float = _arg(0.2, "PPO clip range")
-    gamma: float = _arg(0.99, "discount factor")
-    gae_lambda: float = _arg(0.95, "GAE lambda")
-    ent_coef: float = _arg(0.0, "entropy bonus coefficient")
-    vf_coef: float = _arg(0.5, "value loss coefficient")
-    max_grad_norm: float = _arg(0.5, "gradient clipping norm")
-    normalize_advantage: bool = _arg(False, "normalise advantages per minibatch (rescales reward vs the analytic KL term)")
-    lora_rank: int = _arg(0, "train rank-r LoRA adapters (needs peft) instead of all weights; the reference is the same network with the adapters off (0: full fine-tuning)")
-    # run
-    iters: int = _arg(50, "PPO iterations (rollout + update)")
-    seed: int = _arg(0, "random seed")
-    out: str = _arg("runs/ppo_kl", "output directory: metrics.csv, checkpoint.safetensors, policy/, curves.png, SB3 logs")
-    device: str = _arg("cpu", "torch device: cpu, cuda, cuda:N or mps (under torchrun each rank uses cuda:LOCAL_RANK)")
-    dtype: str = _arg("float32", "compute dtype: bfloat16 runs the policy under autocast (float32 weights) and stores the frozen reference in bfloat16", choices=tuple(DTYPES))
-    gradient_checkpointing: bool = _arg(False, "recompute the policy's layer activations in backward (less memory, one more forward)")
-    eval_every: int = _arg(5, "evaluate on held-out prompts every N iterations (0: never)")
-    eval_prompts: int = _arg(16, "held-out prompts per evaluation")
-    save_every: int = _arg(1, "write the checkpoint every N iterations (and at the end)")
-    resume: bool = _arg(False, "continue the run in --out from its checkpoint, with its args.json (a run stopped before its first checkpoint restarts)")
+    model: str = _asset("smollm2-135m", "policy/reference LM: 'smollm2-135m' (embedded), a local path or a Hub id", ppokl="policy_kwargs.model")
+    reward: str = _asset("vader", "reward model: 'vader' (embedded) or a text-classification model path/Hub id")
+    positive_label: int = _asset(1, "index of the positive label of a classifier reward")
+    dataset: str = _asset("bundled", "prompts: 'bundled', 'stanfordnlp/imdb', or a local csv/json/parquet with a text column")
+    max_prompt_tokens: int = _asset(64, "prompt length in tokens (truncated from the left)")
+    max_new_tokens: int = _asset(48, "tokens generated per episode")
+    n_envs: int = _asset(10, "prompts per rollout (batched env size)")
+    kl_coef: float = _kl(0.1, "beta: weight of the KL penalty (initial value with --target-kl)", ppokl="kl_coef")
+    target_kl: float | None = _kl(None, "target sequence KL for the adaptive controller (omit for a fixed beta)", ppokl="kl_target")
+    kl_horizon: int = _kl(10_000, "horizon (in episodes) of the adaptive KL controller", ppokl="kl_horizon")
+    kl_reward: str = _kl("k1", "per-token KL in the reward", choices=KL_REWARDS, ppokl="kl_reward")
+    analytic_grad: bool = _kl(False, "add the exact per-position KL to the loss and drop the current token's KL from its advantage", ppokl="analytic_grad")
+    kl_loss: str | None = _kl(None, "GRPO-style autodiff KL loss, for study", choices=KL_LOSSES, ppokl="kl_loss")
+    ref_logits: str = _kl("store", "reference logits for the analytic KL: 'store' [N, T, V] from the rollout, 'recompute' per minibatch (no storage, one extra reference forward), or 'hidden' (store pi_ref's [N, T, d] hidden states; the update computes the KL fused, with no [b, T, V] logits)", choices=REF_LOGITS_MODES, ppokl="ref_logits")
+    mask_top_k: int | None = _mask(None, "NLPO: sample only the top-k tokens of the masking policy (a frozen, periodically synced copy of the policy)", ppokl="mask_top_k")
+    mask_top_p: float | None = _mask(None, "NLPO: sample only the top-p nucleus of the masking policy (RL4LMs: 0.9)", ppokl="mask_top_p")
+    mask_sync_every: int = _mask(5, "NLPO: copy the policy into the masking policy every N iterations", ppokl="mask_sync_every")
+    learning_rate: float = _ppo(1e-6, "learning rate of the language model", ppokl="learning_rate")
+    vf_learning_rate: float = _ppo(1e-4, "learning rate of the value head", ppokl="policy_kwargs.vf_learning_rate")
+    n_epochs: int = _ppo(5, "PPO epochs per rollout", ppokl="n_epochs")
+    batch_size: int = _ppo(64, "minibatch size in tokens (rounded to whole sequences)", ppokl="batch_size")
+    clip_range: float = _ppo(0.2, "PPO clip range", ppokl="clip_range")
+    gamma: float = _ppo(0.99, "discount factor", ppokl="gamma")
+    gae_lambda: float = _ppo(0.95, "GAE lambda", ppokl="gae_lambda")
+    ent_coef: float = _ppo(0.0, "entropy bonus coefficient", ppokl="ent_coef")
+    vf_coef: float = _ppo(0.5, "value loss coefficient", ppokl="vf_coef")
+    max_grad_norm: float = _ppo(0.5, "gradient clipping norm", ppokl="max_grad_norm")
+    normalize_advantage: bool = _ppo(False, "normalise advantages per minibatch (rescales reward vs the analytic KL term)", ppokl="normalize_advantage")
+    lora_rank: int = _ppo(0, "train rank-r LoRA adapters (needs peft) instead of all weights; the reference is the same network with the adapters off (0: full fine-tuning)", ppokl="policy_kwargs.lora_rank")
+    iters: int = _run(50, "PPO iterations (rollout + update)")
+    seed: int = _run(0, "random seed", ppokl="seed")
+    out: str = _run("runs/ppo_kl", "output directory: metrics.csv, checkpoint.safetensors, policy/, curves.png, SB3 logs")
+    device: str = _run("cpu", "torch device: cpu, cuda, cuda:N or mps (under torchrun each rank uses cuda:LOCAL_RANK)")
+    dtype: str = _run("float32", "compute dtype: bfloat16 runs the policy under autocast (float32 weights) and stores the frozen reference in bfloat16", choices=DTYPE_NAMES, ppokl="policy_kwargs.dtype")
+    gradient_checkpointing: bool = _run(False, "recompute the policy's layer activations in backward (less memory, one more forward)", ppokl="policy_kwargs.gradient_checkpointing")
+    eval_every: int = _run(5, "evaluate on held-out prompts every N iterations (0: never)")
+    eval_prompts: int = _run(16, "held-out prompts per evaluation")
+    save_every: int = _run(1, "write the checkpoint every N iterations (and at the end)")
+    resume: bool = _run(False, "continue the run in --out from its checkpoint, with its args.json (a run stopped before its first checkpoint restarts)")
 
 
 # Flags a resumed run may change; any other flag given with --resume must equal the run's args.json.
@@ -109,14 +128,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="YAML file whose keys mirror these flags (flags override it)")
     hints = get_type_hints(Args)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Args):
+        group = groups.get(f.metadata["group"]) or groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
         # default=None marks "not given" so that YAML and args.json can be layered under the flags
         kind, text = _base_type(hints[f.name]), f"{f.metadata['help']} (default: {f.default})"
         if kind is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(_flag(f.name), type=kind, default=None, choices=f.metadata.get("choices"), help=text)
+            group.add_argument(_flag(f.name), type=kind, default=None, choices=f.metadata.get("choices"), help=text)
     return parser
+
+
+def ppokl_settings(args: Args) -> dict[str, Any]:
+    """The ``PPOKL`` constructor settings of a run (a checkpoint stores the same, as JSON), from the
+    fields of ``Args`` that name a PPOKL argument."""
+    settings: dict[str, Any] = {}
+    policy_kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(Args):
+        target = f.metadata["ppokl"]
+        if target is None:
+            continue
+        if target.startswith("policy_kwargs."):
+            policy_kwargs[target.removeprefix("policy_kwargs.")] = getattr(args, f.name)
+        else:
+            settings[target] = getattr(args, f.name)
+    return {**settings, "policy_kwargs": policy_kwargs}
+
+
+def _flag_of_setting(setting: str) -> str:
+    """The CLI flag of the PPOKL argument ``setting`` (``kl_target`` -> ``--target-kl``)."""
+    return next((_flag(f.name) for f in dataclasses.fields(Args) if f.metadata["ppokl"] in (setting, f"policy_kwargs.{setting}")), setting)
 
 
 def _typed(name: str, value: Any, hint: Any, source: str = "--config") -> Any:
@@ -171,6 +213,8 @@ def _saved_args(out: Path) -> tuple[dict[str, Any], str] | None:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{saved_path} is not valid JSON ({error})") from None
     elif checkpoint.is_file():
+        from agents.state.checkpoint import CheckpointError, read_meta  # loads torch: only for --resume
+
         source = f"{checkpoint} (args.json is missing)"
         try:
             saved = read_meta(checkpoint).run
@@ -262,7 +306,7 @@ def _out_error(out: str) -> str | None:
 def validate(args: Args) -> list[str]:
     """Every out-of-range flag, checked before any model is loaded."""
     errors = []
-    for name in ("max_prompt_tokens", "max_new_tokens", "n_envs", "iters", "n_epochs", "batch_size", "eval_prompts", "save_every", "kl_horizon", "mask_sync_every"):
+    for name in ("max_prompt_tokens", "max_new_tokens", "n_envs", "iters", "n_epochs", "batch_size", "eval_prompts", "save_every"):
         if getattr(args, name) < 1:
             errors.append(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     for name in ("learning_rate", "vf_learning_rate", "clip_range", "max_grad_norm"):
@@ -270,6 +314,8 @@ def validate(args: Args) -> list[str]:
             errors.append(f"{_flag(name)} must be > 0, got {getattr(args, name)}")
     for f in dataclasses.fields(Args):
         value = getattr(args, f.name)
+        if f.metadata["ppokl"] in VALIDATED:
+            continue  # checked by option_errors below
         if isinstance(value, float) and not math.isfinite(value):
             errors.append(f"{_flag(f.name)} must be a finite number, got {value}")
     for name in ("gamma", "gae_lambda"):
@@ -278,17 +324,12 @@ def validate(args: Args) -> list[str]:
     for name in ("ent_coef", "vf_coef", "eval_every", "positive_label"):
         if not getattr(args, name) >= 0:
             errors.append(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
-    try:
-        check_kl_options(args.kl_reward, args.kl_loss, args.analytic_grad, args.kl_coef)
-    except ValueError as error:
-        errors.append(str(error))
-    if args.target_kl is not None and not args.target_kl > 0:
-        errors.append(f"--target-kl must be > 0, got {args.target_kl}")
-    if args.mask_top_k is not None and args.mask_top_k < 1:
-        errors.append(f"--mask-top-k must be >= 1, got {args.mask_top_k}")
-    if args.mask_top_p is not None and not 0 < args.mask_top_p <= 1:
-        errors.append(f"--mask-top-p must be in (0, 1], got {args.mask_top_p}")
+    settings = ppokl_settings(args)
+    policy_kwargs = settings.pop("policy_kwargs")
+    errors.extend(option_errors({**settings, **policy_kwargs}, _flag_of_setting))
     if args.lora_rank < 0:
         errors.append(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    from agents.device import device_error  # loads torch: after --help and the checks above
+
     errors.extend(error for error in (device_error(args.device), _out_error(args.out)) if error)
     return errors

@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 
 import kl_estimators
-
-KL_REWARDS = ("k1", "k2", "k3", "analytic", "none")
+from agents.options import KL_REWARDS
 
 
 def per_token_kl(

@@ -40,16 +40,10 @@ from transformers import PreTrainedModel
 
 from kl_estimators import LinearLogits
 
+from agents.options import REF_LOGITS_MODES, check_options
 from agents.rollout.records import SequenceBatch
 from lmgym.decoding import forward_last
 
-REF_LOGITS_MODES = ("store", "recompute", "hidden")
-
-
-def check_ref_logits_mode(mode: str) -> None:
-    """ValueError naming ``ref_logits`` for an unknown mode."""
-    if mode not in REF_LOGITS_MODES:
-        raise ValueError(f"ref_logits must be one of {REF_LOGITS_MODES}, got {mode!r}")
 
 
 @torch.no_grad()
@@ -114,7 +108,7 @@ def linear_logits(model: PreTrainedModel, hidden: torch.Tensor) -> LinearLogits:
 def memory_bytes(mode: str, n: int, t: int, vocab: int, hidden_size: int, b: int, chunk: int) -> dict[str, int]:
     """The float32 bytes of the formulas above: ``buffer`` (kept from the rollout to the end of the
     update) and ``update`` (the largest vocabulary-sized tensors of one minibatch's loss)."""
-    check_ref_logits_mode(mode)
+    check_options(ref_logits=mode)
     buffer = {"store": n * t * vocab, "recompute": 0, "hidden": n * t * hidden_size}[mode]
     update = {"store": 4 * b * t * vocab, "recompute": 5 * b * t * vocab, "hidden": 4 * chunk * vocab}[mode]
     return {"buffer": 4 * buffer, "update": 4 * update}

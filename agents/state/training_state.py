@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 
+from agents.options import UNSTORED_ARGUMENTS
 from agents.state.checkpoint import EPISODE_BUFFERS, CheckpointError, CheckpointMeta, Counters, ModelIdentity, read_checkpoint, write_checkpoint
 
 
@@ -191,7 +192,7 @@ def check_settings(cls: type[PPO], settings: Mapping[str, Any], path: Path) -> N
     """Every stored setting is a constructor argument, of the type of its default."""
     parameters = inspect.signature(cls.__init__).parameters
     for name, value in settings.items():
-        if name not in parameters or name in ("self", "env", "device", "_init_setup_model"):
+        if name not in parameters or name in UNSTORED_ARGUMENTS:
             raise CheckpointError(f"{path}: field 'settings.{name}' is not a setting of {cls.__name__}")
         if not _fits(value, parameters[name].default):
             kind = type(parameters[name].default).__name__
