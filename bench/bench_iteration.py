@@ -47,7 +47,7 @@ from torch import nn
 from agents.rollout.advantages import gae, shaped_rewards
 from agents.algorithm import PPOKL
 from agents.cli.config import Args, parse_args
-from agents.ppo_kl import build_model, make_envs
+from agents.cli.train import build_model, make_envs
 import kl_estimators
 from lmgym.assets import load_causal_lm
 from lmgym.decoding import position_ids_from_mask

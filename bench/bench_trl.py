@@ -37,7 +37,7 @@ from stable_baselines3.common.logger import Logger
 from agents.algorithm import PPOKL
 from bench_iteration import flop_floor, gemm_rate, work_flops
 from agents.cli.config import Args, parse_args
-from agents.ppo_kl import build_model, make_envs
+from agents.cli.train import build_model, make_envs
 from lmgym.assets import load_tokenizer, resolve
 
 MODES = ("hidden", "store")

@@ -26,7 +26,7 @@ import kl_estimators
 from agents import algorithm
 from agents.rollout import sampling
 from agents.cli.config import parse_args
-from agents.ppo_kl import build_model, make_envs
+from agents.cli.train import build_model, make_envs
 from bench_iteration import quiet
 from lmgym import decoding
 

@@ -1,24 +1,6 @@
-"""``python -m agents.ppo_kl``: PPO fine-tuning on IMDBContinuation-v0 with exact KL handling.
-
-    python -m agents.ppo_kl --analytic-grad --kl-reward analytic --iters 20 --out runs/analytic
-
-Writes into ``--out`` (see ``agents.cli.run_dir``): ``metrics.csv``, ``checkpoint.safetensors``
-(every ``--save-every`` iterations), ``policy/`` (the trained LM as a Hugging Face folder with a
-model card, at the end), ``curves.png``, ``args.json`` and SB3's CSV and TensorBoard logs, under an
-exclusive lock on ``--out``. ``--resume`` continues the run from its checkpoint exactly, once the
-checkpoint, the run's settings, the model and the files have been checked against each other:
-the rows written after it are dropped, the resumed iterations reproduce those of an
-uninterrupted run with the same seed, and the finish steps (``agents.cli.finish``) are completed.
-Errors are one line and exit 2; Ctrl-C is one line and exit 130 (docs/reliability.md).
-
-NLPO (PPO with the actions restricted to the top-p nucleus of a masking policy that is a copy of
-the policy synced every few iterations; see ``agents.rollout.masking``):
-
-    python -m agents.ppo_kl --config configs/nlpo_demo.yaml --out runs/nlpo
-
-Data-parallel on W processes (``--n-envs`` per rank; rank 0 writes; see ``agents.distributed``):
-
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m agents.ppo_kl --n-envs 5 --out runs/ddp
+"""The training run behind ``python -m agents.ppo_kl`` (``agents.ppo_kl`` parses the flags first, so
+``--help`` and bad flags answer before this module loads torch): the envs, the model, the locked run directory and the finish
+steps; ``run`` turns every user error into one line and exit 2.
 """
 from __future__ import annotations
 
@@ -38,7 +20,7 @@ from lmgym.assets import AssetUnavailableError
 from agents import distributed
 from agents.algorithm import PPOKL
 from agents.state.checkpoint import CheckpointMeta, read_meta
-from agents.cli.config import Args, differing_settings, parse_args, ppokl_settings
+from agents.cli.config import Args, differing_settings, ppokl_settings
 from agents.device import DTYPES, cast_frozen
 from agents.cli.finish import finish
 from agents.lora import share_base_as_reference
@@ -58,7 +40,7 @@ from agents.cli.run_dir import (
 )
 from agents.vec_env import LMGymVecEnv
 
-__all__ = ["PPOKL", "main"]
+__all__ = ["run", "train"]
 
 
 def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
@@ -234,8 +216,8 @@ def _interrupted(out: Path) -> str:
     return f"interrupted: the run in {out} is saved {at}; resume with: python -m agents.ppo_kl --out {shlex.quote(str(out))} --resume"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: Args) -> int:
+    """Train ``args``; the exit code: 0, 2 after a one-line error, 130 after Ctrl-C."""
     try:
         train(args)
     except KeyboardInterrupt:
@@ -255,6 +237,3 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
