@@ -51,7 +51,7 @@ from agents.rollout.buffer import SequenceBatch, SequenceRolloutBuffer
 from agents.rollout.masking import EnvMasks, NucleusMasks, env_masks_enabled, frozen_copy, masked_entropy, masked_logits, sync_masking_policy
 from agents.options import UNSTORED_ARGUMENTS, check_options
 from agents.policy import CausalLMPolicy
-from agents.rollout.reference import linear_logits, reference_hidden, with_reference_logits
+from agents.rollout.reference import Reference, linear_logits
 from agents.rollout.sampling import sample_episodes, trim_left_padding
 from agents.state.training_state import check_finite, load_ppokl, save_ppokl
 from agents.vec_env import LMGymVecEnv
@@ -206,11 +206,22 @@ class PPOKL(PPO):
         )
 
     def _setup_model(self) -> None:
-        """SB3's set-up, plus the KL controller and the iteration count (``load`` restores both)."""
+        """SB3's set-up, plus pi_ref (the env's reference model, unless ``use_reference`` replaces it),
+        the KL controller and the iteration count (``load`` restores both)."""
         super()._setup_model()
+        self.reference = Reference(self.env.reference_model) if self.env is not None else None
         self.kl_controller = self.make_kl_controller(self.kl_coef)
         self.n_iterations = 0
         self.rollout_stats: dict[str, float] = {}
+
+    def use_reference(self, model: torch.nn.Module) -> None:
+        """Take the KL to ``model`` from now on (e.g. the LoRA policy's own base, ``agents.lora``)."""
+        self.reference = Reference(model)
+
+    def setup_learn(self, total_timesteps: int, callback: Any = None, reset_num_timesteps: bool = True) -> tuple[int, BaseCallback]:
+        """SB3's set-up before the first rollout of ``learn`` (logger, counters, the first
+        observation), for callers that drive ``collect_rollouts`` and ``train`` themselves."""
+        return self._setup_learn(total_timesteps, callback, reset_num_timesteps)
 
     def make_kl_controller(self, beta: float) -> kl_estimators.FixedKLController | kl_estimators.AdaptiveKLController:
         """A fixed controller at ``beta``, or the adaptive one starting from ``beta`` if ``kl_target`` is set."""
@@ -289,7 +300,7 @@ class PPOKL(PPO):
         start = time.perf_counter()
         masks = self.rollout_masks(env, prompt_ids, prompt_mask)
         fused = self.ref_logits == "hidden"
-        for step in sample_episodes(self.policy, env, prompt_ids, prompt_mask, n_rollout_steps, masks, fused, self.kl_chunk_size):
+        for step in sample_episodes(self.policy, env, self.reference, prompt_ids, prompt_mask, n_rollout_steps, masks, fused, self.kl_chunk_size):
             self.num_timesteps += env.num_envs
             new_obs, dones = step.new_obs, step.dones
             callback.update_locals(locals())
@@ -305,19 +316,17 @@ class PPOKL(PPO):
         beta = self.kl_controller.value
         rollout_buffer.compute_returns_and_advantage(self.kl_reward, beta, self.analytic_grad)
         if self.ref_logits == "hidden" and rollout_buffer.ref_hidden is None:  # pi_ref came per step from the env
-            self._store_reference_hidden(rollout_buffer, env)
+            self._store_reference_hidden(rollout_buffer)
         self._record_rollout_stats(rollout_buffer, beta, rollout_seconds)
         self.kl_controller.update(self.rollout_stats["rollout/kl_analytic"], env.num_envs * distributed.world_size())
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
 
-    @staticmethod
-    def _store_reference_hidden(buffer: SequenceRolloutBuffer, env: VecEnv) -> None:
+    def _store_reference_hidden(self, buffer: SequenceRolloutBuffer) -> None:
         """pi_ref's final hidden states at every sampled state, from one forward over the rollout."""
         batch = buffer.sequences(torch.arange(buffer.n_envs))
-        ref_model = env.get_attr("task")[0].ref_model
-        buffer.ref_hidden = reference_hidden(ref_model, batch.input_ids, batch.attention_mask, batch.actions.shape[1]).cpu()
+        buffer.ref_hidden = self.reference.hidden(batch.input_ids, batch.attention_mask, batch.actions.shape[1]).cpu()
 
     def _record_rollout_stats(self, buffer: SequenceRolloutBuffer, beta: float, seconds: float) -> None:
         n_tokens = int(buffer.mask.sum())
@@ -425,7 +434,7 @@ class PPOKL(PPO):
         ``batch.mask`` is False): the ``ref_logits="hidden"`` update, with no [b, T, V] tensor."""
         hidden, values = self.policy.sequence_hidden(batch.input_ids, batch.attention_mask, batch.actions.shape[1])
         policy = linear_logits(self.policy.lm, hidden)
-        reference = linear_logits(self.env.get_attr("task")[0].ref_model, batch.ref_hidden) if self.analytic_grad else None
+        reference = self.reference.output_layer(batch.ref_hidden) if self.analytic_grad else None
         out = kl_estimators.fused_kl(policy, reference, batch.actions, batch.mask, self.kl_chunk_size)
         entropy = out.entropy if self.ent_coef != 0 else out.entropy.detach()  # no backward for a weight-0 term
         return out.logprobs, entropy, out.kl if self.analytic_grad else None, values
@@ -447,7 +456,7 @@ class PPOKL(PPO):
         for epoch in range(self.n_epochs):
             for batch in buffer.get(sequences_per_batch, generator):
                 if self.ref_logits == "recompute" and self.analytic_grad:
-                    batch = with_reference_logits(batch, self.env.get_attr("task")[0].ref_model)
+                    batch = self.reference.with_logits(batch)
                 losses = self.ppo_losses(batch, clip_range, clip_range_vf)
                 weight, union = distributed.union_minibatch(losses, batch.mask.sum())
                 if not np.isfinite(union["loss"]):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,13 +79,10 @@ class BaseModelView(nn.Module):
         return self.lm.get_decoder()
 
 
-def share_base_as_reference(lm: PreTrainedModel, envs: list) -> None:
-    """Make ``lm``'s base model the reference of each lmgym vector env in ``envs`` (SB3 wrappers
-    included), dropping the copy they loaded."""
-    from lmgym.decoding import IncrementalDecoder
-
-    view = BaseModelView(lm)
+def share_base_as_reference(model: Any, envs: list) -> None:
+    """Make the LoRA policy's base (its LM with the adapters off) the reference of the agent
+    ``model`` (a PPOKL) and of each lmgym env in ``envs``, dropping the copy they loaded."""
+    view = BaseModelView(model.policy.lm)
+    model.use_reference(view)
     for env in envs:
-        venv = env.venv if hasattr(env, "venv") else env
-        venv.task.ref_model = view
-        venv.decoder = IncrementalDecoder(view)
+        env.set_reference_model(view)

@@ -30,11 +30,30 @@ class LMGymVecEnv(VecEnv):
             raise ValueError(f"LMGymVecEnv needs a vector env with autoreset_mode=SAME_STEP, got {mode!r}")
         self.venv = vector_env
         super().__init__(vector_env.num_envs, vector_env.single_observation_space, vector_env.single_action_space)
-        self.max_new_tokens = int(vector_env.task.max_new_tokens)
+        self.max_new_tokens = vector_env.max_new_tokens
         self._actions: np.ndarray | None = None
         self.current_ref_logits: np.ndarray | None = None  # [N, V] pi_ref logits at the current obs
         self._episode_lengths = np.zeros(self.num_envs, dtype=np.int64)
         self._t0 = time.time()
+
+    @property
+    def step_ref_logits(self) -> bool:
+        """Whether each step's info carries pi_ref's logits (else the agent scores pi_ref itself)."""
+        return self.venv.step_ref_logits
+
+    @property
+    def reference_model(self) -> Any:
+        """The env's pi_ref (an agent's default reference)."""
+        return self.venv.reference_model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer whose ids are the actions."""
+        return self.venv.tokenizer
+
+    def set_reference_model(self, model: Any) -> None:
+        """Make ``model`` the env's pi_ref (``IMDBContinuationVectorEnv.set_reference_model``)."""
+        self.venv.set_reference_model(model)
 
     def reset(self) -> VecEnvObs:
         seed = self._seeds[0] if self._seeds and self._seeds[0] is not None else None

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     env, _ = make_envs(args)
     model = quiet(build_model(args, env, out=None, resume=False))  # type: ignore[arg-type]
-    _, callback = model._setup_learn(10**9, CallbackList([]))
+    _, callback = model.setup_learn(10**9, CallbackList([]))
     callback.on_training_start(locals(), globals())
     baseline = HFBaseline(args, env.venv.task, model.policy.lm, model.policy.value_head, options.seed)
 

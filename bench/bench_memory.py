@@ -90,7 +90,7 @@ def one_iteration(mode: str, n_envs: int, max_new_tokens: int, batch_size: int, 
         seed=0,
         policy_kwargs={"model": model_name},
     )
-    _, callback = model._setup_learn(total_timesteps=10**9, callback=None)
+    _, callback = model.setup_learn(total_timesteps=10**9, callback=None)
     model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     model.train()  # warm-up: allocates the gradients and AdamW's state, the same in both modes
     model.rollout_buffer.ref_logits = model.rollout_buffer.ref_hidden = None  # the baseline holds neither in any mode

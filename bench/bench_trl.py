@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     env, _ = make_envs(args)
     model = build_model(args, env, out=None, resume=False)  # type: ignore[arg-type]
     model.set_logger(Logger(folder=None, output_formats=[]))
-    _, callback = model._setup_learn(10**9, CallbackList([]))
+    _, callback = model.setup_learn(10**9, CallbackList([]))
     callback.on_training_start(locals(), globals())
     ppokl: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
     rates: list[float] = []

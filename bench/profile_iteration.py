@@ -24,7 +24,6 @@ from stable_baselines3.common.callbacks import CallbackList
 
 import kl_estimators
 from agents import algorithm
-from agents.rollout import sampling
 from agents.cli.config import parse_args
 from agents.cli.train import build_model, make_envs
 from bench_iteration import quiet
@@ -77,8 +76,7 @@ def instrument(model, phases: Phases) -> None:
         return f"{who} forward ({'prompt encode' if args[0].shape[1] > 1 else 'one token'})"
 
     phases.wrap(decoding.IncrementalDecoder, "_forward", decoder_label)
-    if hasattr(env, "reference_logits"):  # absent before pi_ref was scored after sampling
-        phases.wrap(env, "reference_logits", "reference forward (whole sequences, after sampling)")
+    phases.wrap(model.reference, "logits", "reference forward (whole sequences, after sampling)")
     phases.wrap(type(env), "step", "env step: other (obs layout, numpy copies, log-probs)")
     phases.wrap(type(env), "reset", "env reset: other")
     phases.wrap(env.task, "score", "env: reward (VADER)")
@@ -95,7 +93,7 @@ def instrument(model, phases: Phases) -> None:
         kl_estimators, "fused_kl",
         lambda *a, **k: "update: fused output layers, log-probs and KL (forward)" if torch.is_grad_enabled() else "rollout: fused KL and log pi_ref (--ref-logits hidden)",
     )
-    phases.wrap(sampling, "reference_hidden", "reference forward (whole sequences, hidden states only)")
+    phases.wrap(model.reference, "hidden", "reference forward (whole sequences, hidden states only)")
     phases.wrap(torch.distributions.Categorical, "sample", "rollout: sampling from the softmax")
     phases.wrap(model, "kl_loss_term", "update: analytic KL loss (forward)")
     phases.wrap(torch.Tensor, "backward", "update: backward")
@@ -138,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(["--config", options.config, "--eval-every", "0", *run_flags])
     env, _ = make_envs(args)
     model = quiet(build_model(args, env, out=None, resume=False))  # type: ignore[arg-type]
-    _, callback = model._setup_learn(10**9, CallbackList([]))
+    _, callback = model.setup_learn(10**9, CallbackList([]))
 
     def iteration():
         model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)

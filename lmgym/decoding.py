@@ -48,6 +48,15 @@ def forward_last(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     )
 
 
+@torch.no_grad()
+def sequence_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 ``[B, n, V]``: ``model``'s next-token logits for the last ``n`` tokens of each row of a
+    left-padded batch (entry ``[b, j]`` predicts ``input_ids[b, L - n + j]`` from the tokens before
+    it), in one forward. Positions masked out on the right are allowed; their logits are
+    meaningless and the positions before them are unaffected."""
+    return forward_last(model, input_ids, attention_mask, n + 1).logits[:, :-1].float()
+
+
 @dataclass
 class DecoderOutput:
     logits: torch.Tensor  # [B, V] float32 next-token logits at the last position

@@ -41,7 +41,7 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from lmgym.decoding import IncrementalDecoder, forward_last
+from lmgym.decoding import IncrementalDecoder, sequence_logits
 from lmgym.masks import ActionMasker, LogitsFn, next_token_logits
 from lmgym.task import ContinuationTask, log_prob
 
@@ -119,14 +119,36 @@ class IMDBContinuationVectorEnv(VectorEnv):
             infos["ref_logits"] = self.ref_logits.cpu().numpy()
         return self.task.observation(self.tokens), infos
 
+    @property
+    def reference_model(self) -> torch.nn.Module:
+        """pi_ref, the frozen model behind ``info["ref_logits"]`` (and the default masking model)."""
+        return self.task.ref_model
+
+    @property
+    def tokenizer(self):
+        """The tokenizer whose ids are the actions."""
+        return self.task.tokenizer
+
+    @property
+    def reward_model(self):
+        """The reward model that scores finished continuations."""
+        return self.task.reward_model
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens an episode generates."""
+        return int(self.task.max_new_tokens)
+
+    def set_reference_model(self, model: torch.nn.Module) -> None:
+        """Use ``model`` as pi_ref from the next reset on (e.g. a LoRA policy's base, shared instead
+        of a second copy)."""
+        self.task.ref_model = model
+        self.decoder = IncrementalDecoder(model)
+
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
-        """float32 ``[B, n, V]``: pi_ref's next-token logits for the last ``n`` tokens of each row of a
-        left-padded batch (entry ``[b, j]`` predicts ``input_ids[b, L - n + j]`` from the tokens
-        before it), in one forward. Positions masked out on the right are allowed; their logits are
-        meaningless and the positions before them are unaffected."""
-        with torch.no_grad():
-            out = forward_last(self.task.ref_model, input_ids, attention_mask, n + 1)
-        return out.logits[:, :-1].float()
+        """float32 ``[B, n, V]``: pi_ref's next-token logits for the last ``n`` tokens of each row
+        (``lmgym.decoding.sequence_logits``)."""
+        return sequence_logits(self.task.ref_model, input_ids, attention_mask, n)
 
     def step(self, actions):
         if not self.started:

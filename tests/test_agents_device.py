@@ -90,7 +90,7 @@ def test_cuda_rollout_update_evaluation_checkpoint_and_resume(tiny_lm_path, tmp_
     model.learn(total_timesteps=model.n_envs * model.n_steps)
     assert model.policy.device.type == "cuda"
     assert np.isfinite(model.logger.name_to_value["train/loss"])
-    assert np.isfinite(evaluate(model.policy, make_env(tiny_lm_path, device="cuda")).perplexity)
+    assert np.isfinite(evaluate(model.policy, make_env(tiny_lm_path, device="cuda"), model.reference).perplexity)
     model.save(tmp_path / "model.safetensors")
     loaded = PPOKL.load(tmp_path / "model.safetensors", env=make_env(tiny_lm_path, device="cuda"), device="cuda")
     for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values()):

@@ -116,7 +116,7 @@ def test_two_ranks_update_like_one_process_on_the_union_of_their_episodes(tiny_l
     tokens = [int(s["mask"].sum()) for s in saved]
     assert tokens[0] != tokens[1]  # unequal shares: the loss weights W n_r / n are not all 1
     single = make_model(tiny_lm_path, rank_env(tiny_lm_path, 2 * N_PER_RANK), seed=SEED, **CONFIG)
-    single._setup_learn(total_timesteps=2 * N_PER_RANK * single.n_steps, callback=None)
+    single.setup_learn(total_timesteps=2 * N_PER_RANK * single.n_steps, callback=None)
     union = union_of(saved)
     buffer = single.rollout_buffer
     for name, value in union.items():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from agents.lora import BaseModelView, share_base_as_reference
-from agents.rollout.reference import reference_logits
+from agents.rollout.reference import Reference
 from lmgym.assets import load_causal_lm
 from tests.agents_helpers import make_model
 from tests.test_agents_ppo import one_rollout
@@ -18,13 +18,14 @@ KL_CONFIG = {"analytic_grad": True, "kl_reward": "analytic", "kl_coef": 0.3, "le
 def lora_model(model_path: str, optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs):
     policy_kwargs = {"lora_rank": 4, "optimizer_class": optimizer_class}
     model = make_model(model_path, policy_kwargs=policy_kwargs, **KL_CONFIG, **kwargs)
-    share_base_as_reference(model.policy.lm, [model.env])
+    share_base_as_reference(model, [model.env])
     return model
 
 
 def test_lora_policy_starts_equal_to_its_reference_then_moves_only_its_adapters(tiny_lm_path):
     model = lora_model(tiny_lm_path)
-    ref = model.env.get_attr("task")[0].ref_model
+    ref = model.reference.model
+    assert model.env.reference_model is ref, "the env's per-step pi_ref is the same view"
     assert isinstance(ref, BaseModelView) and ref.lm is model.policy.lm and not list(ref.parameters())
     base = {n: p.detach().clone() for n, p in model.policy.lm.named_parameters() if "lora_" not in n}
     adapters = {n: p.detach().clone() for n, p in model.policy.lm.named_parameters() if "lora_" in n}
@@ -49,8 +50,8 @@ def test_lora_policy_starts_equal_to_its_reference_then_moves_only_its_adapters(
     on_disk, _ = load_causal_lm(tiny_lm_path)
     n_actions = batch.actions.shape[1]
     torch.testing.assert_close(
-        reference_logits(ref, batch.input_ids, batch.attention_mask, n_actions),
-        reference_logits(on_disk, batch.input_ids, batch.attention_mask, n_actions),
+        Reference(ref).logits(batch.input_ids, batch.attention_mask, n_actions),
+        Reference(on_disk).logits(batch.input_ids, batch.attention_mask, n_actions),
     )
 
 

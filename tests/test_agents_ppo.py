@@ -21,7 +21,7 @@ CONFIGS = [
 
 
 def one_rollout(model: PPOKL) -> None:
-    _, callback = model._setup_learn(total_timesteps=10**6, callback=None)
+    _, callback = model.setup_learn(total_timesteps=10**6, callback=None)
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
 
 

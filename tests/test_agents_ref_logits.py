@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agents.rollout.reference import linear_logits, memory_bytes, reference_hidden, with_reference_logits
+from agents.rollout.reference import linear_logits, memory_bytes, reference_hidden
 from lmgym.decoding import forward_last
 from tests.agents_helpers import make_env, make_model
 
@@ -15,7 +15,7 @@ def test_recompute_buffer_stores_no_reference_logits_and_recomputes_the_stored_o
     models = {}
     for mode in ("store", "recompute"):  # seeding happens in the constructor: roll out before the next
         model = models[mode] = make_model(tiny_lm_path, ref_logits=mode, **KL_CONFIG)
-        _, callback = model._setup_learn(total_timesteps=10**6, callback=None)
+        _, callback = model.setup_learn(total_timesteps=10**6, callback=None)
         assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     stored, recomputed = models["store"], models["recompute"]
     assert recomputed.rollout_buffer.ref_logits is None
@@ -23,7 +23,7 @@ def test_recompute_buffer_stores_no_reference_logits_and_recomputes_the_stored_o
     batch = stored.rollout_buffer.sequences(every)
     assert recomputed.rollout_buffer.sequences(every).ref_logits is None
     torch.testing.assert_close(recomputed.rollout_buffer.sequences(every).input_ids, batch.input_ids)
-    again = with_reference_logits(batch, stored.env.get_attr("task")[0].ref_model)
+    again = stored.reference.with_logits(batch)
     mask = batch.mask
     assert mask.any()
     torch.testing.assert_close(again.ref_logits[mask], batch.ref_logits[mask], rtol=1e-5, atol=1e-5)
@@ -33,7 +33,7 @@ def test_hidden_buffer_stores_the_reference_hidden_states_that_give_the_stored_l
     models = {}
     for mode in ("store", "hidden"):
         model = models[mode] = make_model(tiny_lm_path, ref_logits=mode, **KL_CONFIG)
-        _, callback = model._setup_learn(total_timesteps=10**6, callback=None)
+        _, callback = model.setup_learn(total_timesteps=10**6, callback=None)
         assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     every = torch.arange(models["store"].n_envs)
     stored, hidden = models["store"].rollout_buffer.sequences(every), models["hidden"].rollout_buffer.sequences(every)
@@ -100,7 +100,7 @@ def test_hidden_rollout_scores_the_reference_once_and_never_computes_its_logits_
     model = make_model(tiny_lm_path, env=env, ref_logits="hidden", **KL_CONFIG)
     ref_model = env.get_attr("task")[0].ref_model
     rows = count_output_layer_rows(ref_model)
-    _, callback = model._setup_learn(total_timesteps=10**6, callback=None)
+    _, callback = model.setup_learn(total_timesteps=10**6, callback=None)
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     buffer = model.rollout_buffer
     if step_ref_logits:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from agents.rollout.reference import Reference
 from agents.rollout.sampling import sample_episodes, trim_left_padding
 from tests.agents_helpers import make_env, make_model
 
@@ -25,7 +26,7 @@ def rollout(model, env, seed: int, monkeypatch) -> list:
     env.seed(seed)
     obs = env.reset()
     torch.manual_seed(seed)
-    steps = list(sample_episodes(model.policy, env, *trim_left_padding(obs["input_ids"], obs["attention_mask"]), env.max_new_tokens))
+    steps = list(sample_episodes(model.policy, env, Reference(env.reference_model), *trim_left_padding(obs["input_ids"], obs["attention_mask"]), env.max_new_tokens))
     monkeypatch.undo()
     return steps
 

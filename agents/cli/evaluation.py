@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from agents.policy import CausalLMPolicy
+from agents.rollout.reference import Reference
 from agents.rollout.sampling import sample_episodes, trim_left_padding
 from agents.vec_env import LMGymVecEnv
 
@@ -35,9 +36,9 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
-def evaluate(policy: CausalLMPolicy, env: LMGymVecEnv, seed: int = 12345) -> EvalResult:
+def evaluate(policy: CausalLMPolicy, env: LMGymVecEnv, reference: Reference, seed: int = 12345) -> EvalResult:
     """One sampled continuation per sub-env of ``env`` (held-out prompts, fixed ``seed`` so that
-    successive evaluations see the same prompts)."""
+    successive evaluations see the same prompts); the perplexity is under ``reference``."""
     policy.set_training_mode(False)
     env.seed(seed)
     obs = env.reset()
@@ -47,7 +48,7 @@ def evaluate(policy: CausalLMPolicy, env: LMGymVecEnv, seed: int = 12345) -> Eva
     continuations: list[str] = [""] * n
     sentiments = torch.zeros(n)
     ref_logprob_sum, n_tokens = 0.0, 0
-    for step in sample_episodes(policy, env, prompt_ids, prompt_mask, env.max_new_tokens):
+    for step in sample_episodes(policy, env, reference, prompt_ids, prompt_mask, env.max_new_tokens):
         ref_logprob_sum += float((step.ref_logprobs * step.active).sum())
         n_tokens += int(step.active.sum())
         for i in torch.nonzero(step.active & torch.as_tensor(step.dones)).flatten().tolist():

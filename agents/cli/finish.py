@@ -26,7 +26,7 @@ def finish(model: Any, args: Args, out: Path, tokenizer: Any, eval_env: LMGymVec
     if final is not None and eval_env is not None and args.eval_every and not final.get("eval/sentiment"):
         if int(final["iteration"]) == model.n_iterations:
             print("finish: final evaluation", flush=True)
-            rows[-1] = {**final, **evaluate(model.policy, eval_env).metrics()}
+            rows[-1] = {**final, **evaluate(model.policy, eval_env, model.reference).metrics()}
             write_rows(out / METRICS, rows)
     plot_curves(rows, out / CURVES, title=str(out))
     state = {"iterations": model.n_iterations, "timesteps": model.num_timesteps}

@@ -64,16 +64,16 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
         split="train",
         **common,
     )
-    cast_frozen(train.unwrapped.task.ref_model, DTYPES[args.dtype])
+    cast_frozen(train.unwrapped.reference_model, DTYPES[args.dtype])
     if not args.eval_every or not distributed.is_main():
         return LMGymVecEnv(train), None
     evaluation = gym.make_vec(
         "IMDBContinuation-v0",
         num_envs=args.eval_prompts,
         vectorization_mode="vector_entry_point",
-        ref_model=train.unwrapped.task.ref_model,
-        tokenizer=train.unwrapped.task.tokenizer,
-        reward=train.unwrapped.task.reward_model,
+        ref_model=train.unwrapped.reference_model,
+        tokenizer=train.unwrapped.tokenizer,
+        reward=train.unwrapped.reward_model,
         dataset=args.dataset,
         split="test",
         **common,
@@ -109,7 +109,7 @@ def check_resumable(args: Args, out: Path) -> CheckpointMeta:
 
 def check_context(args: Args, env: LMGymVecEnv) -> None:
     """ValueError if a prompt plus its continuation can exceed the model's context window."""
-    config = env.venv.task.ref_model.config
+    config = env.reference_model.config
     limit = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "n_ctx") if getattr(config, key, None)), None)
     if limit is not None and args.max_prompt_tokens + args.max_new_tokens > limit:
         raise ValueError(
@@ -159,7 +159,7 @@ def train(args: Args) -> PPOKL:
     check_context(args, env)
     model = build_model(args, env, out, resume)
     if model.policy.lora_rank:
-        share_base_as_reference(model.policy.lm, [e for e in (env, eval_env) if e is not None])
+        share_base_as_reference(model, [e for e in (env, eval_env) if e is not None])
     distributed.broadcast_parameters(model.policy)
     if distributed.is_main():
         check_run_files(out, model.n_iterations)
@@ -203,7 +203,7 @@ def _train_locked(args: Args, out: Path, resume: bool, env: LMGymVecEnv, eval_en
         if isinstance(callback, TrainingMonitor):
             callback.close()
     if distributed.is_main() and model.n_iterations >= args.iters:
-        finish(model, args, out, env.venv.task.tokenizer, eval_env)
+        finish(model, args, out, env.tokenizer, eval_env)
     return model
 
 

@@ -42,32 +42,15 @@ from kl_estimators import LinearLogits
 
 from agents.options import REF_LOGITS_MODES, check_options
 from agents.rollout.records import SequenceBatch
-from lmgym.decoding import forward_last
+from lmgym.decoding import forward_last, sequence_logits
 
-
-
-@torch.no_grad()
-def reference_logits(
-    ref_model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_actions: int
-) -> torch.Tensor:
-    """pi_ref's float32 logits ``[b, T, V]`` at the states before each of the last ``n_actions``
-    tokens of the left-padded rows (the layout of ``CausalLMPolicy.sequence_forward``)."""
-    device = ref_model.device
-    out = forward_last(ref_model, input_ids.to(device), attention_mask.to(device), n_actions + 1)
-    return out.logits[:, :-1].float().to(input_ids.device)
-
-
-def with_reference_logits(batch: SequenceBatch, ref_model: PreTrainedModel) -> SequenceBatch:
-    """``batch`` with its ``ref_logits`` recomputed by one forward of ``ref_model``."""
-    logits = reference_logits(ref_model, batch.input_ids, batch.attention_mask, batch.actions.shape[1])
-    return dataclasses.replace(batch, ref_logits=logits)
 
 
 @torch.no_grad()
 def reference_hidden(
     ref_model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_actions: int
 ) -> torch.Tensor:
-    """pi_ref's float32 final hidden states ``[b, T, d]`` at the states of ``reference_logits``
+    """pi_ref's float32 final hidden states ``[b, T, d]`` at the states of ``Reference.logits``
     (its output layer applied to them gives those logits).
 
     They are the decoder's ``last_hidden_state`` (``get_decoder()``), caught by a forward hook, so
@@ -103,6 +86,41 @@ def linear_logits(model: PreTrainedModel, hidden: torch.Tensor) -> LinearLogits:
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"ref_logits='hidden' needs a torch.nn.Linear output layer, got {type(head).__name__}")
     return LinearLogits(hidden, head.weight, head.bias)
+
+
+class Reference:
+    """pi_ref, the frozen model the KL is taken to, held by the agent (``PPOKL.reference``): it scores
+    whole sequences for the sampler (after the rollout), the buffer's ``recompute`` mode and the
+    ``hidden`` mode's fused KL. The env keeps its own per-step ``info["ref_logits"]``."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+
+    @property
+    def config(self):
+        """pi_ref's Hugging Face config."""
+        return self.model.config
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_actions: int) -> torch.Tensor:
+        """pi_ref's float32 logits ``[b, T, V]`` at the states before each of the last ``n_actions``
+        tokens of the left-padded rows (the layout of ``CausalLMPolicy.sequence_forward``), on the
+        inputs' device."""
+        device = self.model.device
+        logits = sequence_logits(self.model, input_ids.to(device), attention_mask.to(device), n_actions)
+        return logits.to(input_ids.device)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_actions: int) -> torch.Tensor:
+        """pi_ref's float32 final hidden states ``[b, T, d]`` at the states of ``logits``
+        (``reference_hidden``)."""
+        return reference_hidden(self.model, input_ids, attention_mask, n_actions)
+
+    def output_layer(self, hidden: torch.Tensor) -> LinearLogits:
+        """pi_ref's logits at its final hidden states ``hidden`` [b, T, d], as factors for ``fused_kl``."""
+        return linear_logits(self.model, hidden)
+
+    def with_logits(self, batch: SequenceBatch) -> SequenceBatch:
+        """A copy of ``batch`` with its ``ref_logits`` recomputed by one forward of pi_ref."""
+        return dataclasses.replace(batch, ref_logits=self.logits(batch.input_ids, batch.attention_mask, batch.actions.shape[1]))
 
 
 def memory_bytes(mode: str, n: int, t: int, vocab: int, hidden_size: int, b: int, chunk: int) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """Batched sampling of one episode per env with the policy's KV cache.
 
 Each step costs one policy forward of length 1 for the whole batch (the prompt is encoded once).
-pi_ref's logits at every state come from the env, per step or in one forward after sampling, and
+pi_ref's logits at every state come from the env's info per step, or from the agent's reference
+(``agents.rollout.reference.Reference``) in one forward after sampling, and
 the exact per-position KL is computed here. With ``fused_reference`` no logits are kept: pi_ref's
 final hidden states come from one forward after sampling, and KL_t and log pi_ref(y_t) from both
 models' hidden states through ``kl_estimators.fused_kl`` (``ref_logits="hidden"``).
@@ -23,7 +24,7 @@ import kl_estimators
 from agents.rollout.masking import masked_logits
 from agents.policy import CausalLMPolicy
 from agents.rollout.records import SampledStep
-from agents.rollout.reference import linear_logits, reference_hidden
+from agents.rollout.reference import Reference, linear_logits
 from agents.vec_env import LMGymVecEnv
 from lmgym.decoding import IncrementalDecoder
 from lmgym.task import log_prob
@@ -58,6 +59,7 @@ class StepMasks(Protocol):
 def sample_episodes(
     policy: CausalLMPolicy,
     env: LMGymVecEnv,
+    reference: Reference,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_steps: int,
@@ -69,14 +71,14 @@ def sample_episodes(
     every env has finished that episode or ``max_steps`` steps were taken.
 
     pi_ref's logits come from the env's info at each step (each step is yielded as it is taken) or,
-    for an env built with ``step_ref_logits=False``, from one reference forward over the sampled
-    sequences after the last step (the steps are yielded then). ``masks``: sample from the masked
+    for an env built with ``step_ref_logits=False``, from one forward of ``reference`` over the
+    sampled sequences after the last step (the steps are yielded then). ``masks``: sample from the masked
     policy (module docstring). ``fused_reference``: in the latter case, score pi_ref from hidden
     states (module docstring; ``chunk_size`` rows of logits at a time, None: automatic) and give
     each step its ``ref_hidden``.
     """
     device = policy.device
-    per_step_ref = env.venv.step_ref_logits
+    per_step_ref = env.step_ref_logits
     fused_reference = fused_reference and not per_step_ref
     if fused_reference and masks is not None:
         raise ValueError("fused_reference does not support action masks (the fused KL has no mask over the vocabulary)")
@@ -120,9 +122,10 @@ def sample_episodes(
         if masks is not None:
             masks.advance(actions)
     if pending and fused_reference:
-        yield from with_fused_reference(policy, env, prompt_ids, prompt_mask, pending, chunk_size)
+        yield from with_fused_reference(policy, reference, prompt_ids, prompt_mask, pending, chunk_size)
     elif pending:
-        ref_logits = reference_logits(env, prompt_ids, prompt_mask, [step for step, _ in pending])
+        input_ids, attention_mask = sampled_sequences(prompt_ids, prompt_mask, [step for step, _ in pending])
+        ref_logits = reference.logits(input_ids, attention_mask, len(pending)).cpu()
         for t, (step, logits) in enumerate(pending):
             set_reference_terms(step, logits, ref_logits[:, t])
             yield step
@@ -130,7 +133,7 @@ def sample_episodes(
 
 def with_fused_reference(
     policy: CausalLMPolicy,
-    env: LMGymVecEnv,
+    reference: Reference,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     pending: list[tuple[SampledStep, torch.Tensor]],
@@ -142,14 +145,13 @@ def with_fused_reference(
     steps = [step for step, _ in pending]
     input_ids, attention_mask = sampled_sequences(prompt_ids, prompt_mask, steps)
     actions, active = input_ids[:, -len(steps) :], attention_mask[:, -len(steps) :].bool()
-    ref_model = env.venv.task.ref_model
     device = policy.device
-    ref_hidden = reference_hidden(ref_model, input_ids.to(device), attention_mask.to(device), len(steps))
+    ref_hidden = reference.hidden(input_ids.to(device), attention_mask.to(device), len(steps))
     policy_hidden = torch.stack([hidden for _, hidden in pending], dim=1)
     with torch.no_grad():
         scored = kl_estimators.fused_kl(
             linear_logits(policy.lm, policy_hidden.to(device)),
-            linear_logits(ref_model, ref_hidden),
+            reference.output_layer(ref_hidden),
             actions.to(device),
             active.to(device),
             chunk_size,
@@ -166,11 +168,3 @@ def sampled_sequences(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps
     actions = torch.stack([step.actions for step in steps], dim=1)
     active = torch.stack([step.active for step in steps], dim=1)
     return torch.cat([prompt_ids, actions], dim=1), torch.cat([prompt_mask, active.long()], dim=1)
-
-
-def reference_logits(
-    env: LMGymVecEnv, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: list[SampledStep]
-) -> torch.Tensor:
-    """pi_ref's logits [N, T, V] at every sampled state, from one forward over ``sampled_sequences``."""
-    input_ids, attention_mask = sampled_sequences(prompt_ids, prompt_mask, steps)
-    return env.venv.reference_logits(input_ids, attention_mask, len(steps)).cpu()
