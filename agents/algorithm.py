@@ -46,6 +46,21 @@ from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.vec_env import VecEnv
 
 import kl_estimators
+from agents.metrics import (
+    CLIP_RANGE,
+    EXPLAINED_VARIANCE,
+    GEN_LENGTH,
+    KL_ANALYTIC,
+    KL_COEF,
+    KL_IN_REWARD,
+    LEARNING_RATE,
+    MASK_TOKENS,
+    N_UPDATES,
+    ROLLOUT_TOKENS_PER_S,
+    TASK_REWARD,
+    TRAIN_PREFIX,
+    TRAIN_SECONDS,
+)
 from agents import distributed
 from agents.rollout.buffer import SequenceBatch, SequenceRolloutBuffer
 from agents.rollout.masking import EnvMasks, NucleusMasks, env_masks_enabled, frozen_copy, masked_entropy, masked_logits, sync_masking_policy
@@ -275,7 +290,7 @@ class PPOKL(PPO):
     def _update_learning_rate(self, optimizers: list[torch.optim.Optimizer] | torch.optim.Optimizer) -> None:
         """SB3's schedule for the LM; the value head keeps its constant ``vf_learning_rate``."""
         lr = self.lr_schedule(self._current_progress_remaining)
-        self.logger.record("train/learning_rate", lr)
+        self.logger.record(LEARNING_RATE, lr)
         for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
             for group in optimizer.param_groups:
                 if not group.get("fixed_lr", False):
@@ -318,7 +333,7 @@ class PPOKL(PPO):
         if self.ref_logits == "hidden" and rollout_buffer.ref_hidden is None:  # pi_ref came per step from the env
             self._store_reference_hidden(rollout_buffer)
         self._record_rollout_stats(rollout_buffer, beta, rollout_seconds)
-        self.kl_controller.update(self.rollout_stats["rollout/kl_analytic"], env.num_envs * distributed.world_size())
+        self.kl_controller.update(self.rollout_stats[KL_ANALYTIC], env.num_envs * distributed.world_size())
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
@@ -331,17 +346,17 @@ class PPOKL(PPO):
     def _record_rollout_stats(self, buffer: SequenceRolloutBuffer, beta: float, seconds: float) -> None:
         n_tokens = int(buffer.mask.sum())
         self.rollout_stats = {
-            "rollout/task_reward": float(buffer.task_rewards.mean()),
-            "rollout/kl_analytic": float(buffer.analytic_kl.sum(dim=1).mean()),
-            "rollout/kl_in_reward": float(buffer.kl.sum(dim=1).mean()),
-            "rollout/kl_coef": beta,
-            "rollout/gen_length": n_tokens / buffer.n_envs,
-            "time/rollout_tokens_per_s": n_tokens / max(seconds, 1e-9),
+            TASK_REWARD: float(buffer.task_rewards.mean()),
+            KL_ANALYTIC: float(buffer.analytic_kl.sum(dim=1).mean()),
+            KL_IN_REWARD: float(buffer.kl.sum(dim=1).mean()),
+            KL_COEF: beta,
+            GEN_LENGTH: n_tokens / buffer.n_envs,
+            ROLLOUT_TOKENS_PER_S: n_tokens / max(seconds, 1e-9),
         }
         if buffer.action_masks is not None:
             allowed = buffer.action_masks.sum(-1).float()
-            self.rollout_stats["rollout/mask_tokens"] = float((allowed * buffer.mask).sum() / max(n_tokens, 1))
-        self.rollout_stats = distributed.global_rollout_stats(self.rollout_stats, summed=["time/rollout_tokens_per_s"])
+            self.rollout_stats[MASK_TOKENS] = float((allowed * buffer.mask).sum() / max(n_tokens, 1))
+        self.rollout_stats = distributed.global_rollout_stats(self.rollout_stats, summed=[ROLLOUT_TOKENS_PER_S])
         for key, value in self.rollout_stats.items():
             self.logger.record(key, value)
 
@@ -479,9 +494,9 @@ class PPOKL(PPO):
         check_finite(self, f"after the update of iteration {self.n_iterations + 1}")
         self.n_iterations += 1
         mask = buffer.mask
-        self.logger.record("train/explained_variance", distributed.explained_variance(buffer.values[mask], buffer.returns[mask]))
+        self.logger.record(EXPLAINED_VARIANCE, distributed.explained_variance(buffer.values[mask], buffer.returns[mask]))
         for key, values in history.items():
-            self.logger.record(f"train/{key}", float(np.mean(values)))
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        self.logger.record("train/clip_range", clip_range)
-        self.logger.record("time/train_seconds", time.perf_counter() - start)
+            self.logger.record(f"{TRAIN_PREFIX}{key}", float(np.mean(values)))
+        self.logger.record(N_UPDATES, self._n_updates, exclude="tensorboard")
+        self.logger.record(CLIP_RANGE, clip_range)
+        self.logger.record(TRAIN_SECONDS, time.perf_counter() - start)

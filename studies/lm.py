@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents.metrics import ITERATION_SECONDS, KL_ANALYTIC, TASK_REWARD
 from agents.cli.config import Args, parse_args
 from agents.cli.run_dir import CHECKPOINT, METRICS, POLICY, atomic_write, read_rows
 from lmgym.assets import load_causal_lm
@@ -181,7 +182,7 @@ def eval_metrics(scores: HeldOutScores, seed: int) -> dict[str, Any]:
 
 def train_metrics(out: Path) -> dict[str, Any]:
     """Iterations done, summed iteration seconds, and rollout reward/KL over the last iterations."""
-    rows = [row for row in read_rows(out / METRICS) if row.get("rollout/task_reward")]
+    rows = [row for row in read_rows(out / METRICS) if row.get(TASK_REWARD)]
     last = rows[-LAST_ITERATIONS:]
 
     def mean(key: str) -> float:
@@ -190,10 +191,10 @@ def train_metrics(out: Path) -> dict[str, Any]:
     wall = out / WALL_SECONDS
     return {
         "iterations": int(rows[-1]["iteration"]) if rows else 0,
-        "iteration_seconds": float(sum(float(row.get("time/iteration_seconds") or 0) for row in rows)),
+        "iteration_seconds": float(sum(float(row.get(ITERATION_SECONDS) or 0) for row in rows)),
         "wall_seconds": float(wall.read_text()) if wall.is_file() else None,
-        f"task_reward_last{LAST_ITERATIONS}": mean("rollout/task_reward") if rows else None,
-        f"kl_last{LAST_ITERATIONS}": mean("rollout/kl_analytic") if rows else None,
+        f"task_reward_last{LAST_ITERATIONS}": mean(TASK_REWARD) if rows else None,
+        f"kl_last{LAST_ITERATIONS}": mean(KL_ANALYTIC) if rows else None,
     }
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from agents.metrics import EVAL_DISTINCT_1, EVAL_DISTINCT_2, EVAL_PERPLEXITY, EVAL_SENTIMENT
 from agents.policy import CausalLMPolicy
 from agents.rollout.reference import Reference
 from agents.rollout.sampling import sample_episodes, trim_left_padding
@@ -23,10 +24,10 @@ class EvalResult:
 
     def metrics(self) -> dict[str, float]:
         return {
-            "eval/sentiment": self.sentiment,
-            "eval/perplexity": self.perplexity,
-            "eval/distinct_1": self.distinct_1,
-            "eval/distinct_2": self.distinct_2,
+            EVAL_SENTIMENT: self.sentiment,
+            EVAL_PERPLEXITY: self.perplexity,
+            EVAL_DISTINCT_1: self.distinct_1,
+            EVAL_DISTINCT_2: self.distinct_2,
         }
 
 

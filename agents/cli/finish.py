@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from agents.metrics import EVAL_SENTIMENT
 from agents.cli.config import Args, command_line
 from agents.cli.evaluation import evaluate
 from agents.cli.model_card import exported_at, model_card
@@ -23,7 +24,7 @@ def finish(model: Any, args: Args, out: Path, tokenizer: Any, eval_env: LMGymVec
     """Complete the finish steps of the run in ``out`` whose final state ``model`` holds."""
     rows: list[dict[str, Any]] = list(read_rows(out / METRICS))
     final = rows[-1] if rows else None
-    if final is not None and eval_env is not None and args.eval_every and not final.get("eval/sentiment"):
+    if final is not None and eval_env is not None and args.eval_every and not final.get(EVAL_SENTIMENT):
         if int(final["iteration"]) == model.n_iterations:
             print("finish: final evaluation", flush=True)
             rows[-1] = {**final, **evaluate(model.policy, eval_env, model.reference).metrics()}

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from lmgym.assets import EMBEDDED_LM
+from agents.metrics import EVAL_PREFIX, EVAL_SENTIMENT, TIME_PREFIX
 
 PACKAGE = "lmgym-kl"
 REPO = Path(__file__).resolve().parents[1]
@@ -100,9 +101,9 @@ def model_card(args: Any, metrics: list[dict[str, str]], n_iterations: int, num_
         "ppokl": {"iterations": n_iterations, "timesteps": num_timesteps, "kl_estimator": estimator},
     }
     last = metrics[-1] if metrics else {}
-    final = {k: v for k, v in last.items() if v not in ("", None) and not k.startswith(("time/", "eval/"))}
-    evaluations = [row for row in metrics if row.get("eval/sentiment") not in (None, "")]
-    evaluation = {k: v for k, v in (evaluations[-1] if evaluations else {}).items() if k == "iteration" or k.startswith("eval/")}
+    final = {k: v for k, v in last.items() if v not in ("", None) and not k.startswith((TIME_PREFIX, EVAL_PREFIX))}
+    evaluations = [row for row in metrics if row.get(EVAL_SENTIMENT) not in (None, "")]
+    evaluation = {k: v for k, v in (evaluations[-1] if evaluations else {}).items() if k == "iteration" or k.startswith(EVAL_PREFIX)}
     licence_note = (
         "the base model's licence" if base is None else f"`{licence}`, the licence of the base model [{base}](https://huggingface.co/{base})"
     )

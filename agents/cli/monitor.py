@@ -8,6 +8,7 @@ from pathlib import Path
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
+from agents.metrics import APPROX_KL, CLIP_FRACTION, ENTROPY_LOSS, EVAL_PREFIX, EXPLAINED_VARIANCE, GEN_LENGTH, ITERATION_SECONDS, KL_ANALYTIC, KL_COEF, KL_IN_REWARD, KL_LOSS, LOSS, MASK_TOKENS, POLICY_GRADIENT_LOSS, ROLLOUT_TOKENS_PER_S, TASK_REWARD, TOKENS_PER_S, VALUE_LOSS
 from agents import distributed
 from agents.cli.run_dir import CURVES, METRICS, read_rows, save_checkpoint, write_rows
 from agents.cli.evaluation import evaluate
@@ -15,21 +16,21 @@ from agents.cli.plots import plot_curves
 from agents.vec_env import LMGymVecEnv
 
 LOGGED = (
-    "rollout/task_reward",
-    "rollout/kl_analytic",
-    "rollout/kl_in_reward",
-    "rollout/kl_coef",
-    "rollout/gen_length",
-    "rollout/mask_tokens",
-    "train/policy_gradient_loss",
-    "train/value_loss",
-    "train/entropy_loss",
-    "train/kl_loss",
-    "train/loss",
-    "train/clip_fraction",
-    "train/approx_kl",
-    "train/explained_variance",
-    "time/rollout_tokens_per_s",
+    TASK_REWARD,
+    KL_ANALYTIC,
+    KL_IN_REWARD,
+    KL_COEF,
+    GEN_LENGTH,
+    MASK_TOKENS,
+    POLICY_GRADIENT_LOSS,
+    VALUE_LOSS,
+    ENTROPY_LOSS,
+    KL_LOSS,
+    LOSS,
+    CLIP_FRACTION,
+    APPROX_KL,
+    EXPLAINED_VARIANCE,
+    ROLLOUT_TOKENS_PER_S,
 )
 
 
@@ -98,15 +99,15 @@ class TrainingMonitor(BaseCallback):
         # every rank counts the same num_timesteps: the global count is W times it
         row: dict[str, object] = {"iteration": iteration, "timesteps": self.model.num_timesteps * distributed.world_size()}
         row.update({key: stats[key] for key in LOGGED if key in stats})
-        row["time/iteration_seconds"] = seconds
+        row[ITERATION_SECONDS] = seconds
         n_episodes = self.model.n_envs * distributed.world_size()
-        row["time/tokens_per_s"] = float(stats.get("rollout/gen_length", 0)) * n_episodes / max(seconds, 1e-9)
+        row[TOKENS_PER_S] = float(stats.get(GEN_LENGTH, 0)) * n_episodes / max(seconds, 1e-9)
         if self.eval_env is not None and self.eval_every and (iteration % self.eval_every == 0 or iteration == self.iters):
             row.update(self._evaluate())
         self.rows = [r for r in self.rows if int(r["iteration"]) < iteration] + [row]
         write_rows(self.out / METRICS, self.rows)
         for key, value in row.items():
-            if key.startswith("eval/"):
+            if key.startswith(EVAL_PREFIX):
                 self.model.logger.record(key, value)
         if iteration % self.save_every == 0 or iteration >= self.iters:
             save_checkpoint(self.model, self.out, self.run)
@@ -128,7 +129,7 @@ class TrainingMonitor(BaseCallback):
             return "-" if value is None else format(float(value), spec)
 
         if self.bar is not None:
-            self.bar.set_postfix(reward=fmt("rollout/task_reward"), kl=fmt("rollout/kl_analytic", ".3f"))
+            self.bar.set_postfix(reward=fmt(TASK_REWARD), kl=fmt(KL_ANALYTIC, ".3f"))
             self.bar.update(int(row["iteration"]) - self.bar.n)
         tqdm.write(
             f"iter {row['iteration']:>3}  reward {fmt('rollout/task_reward')}  KL {fmt('rollout/kl_analytic', '.3f')}  "

@@ -8,15 +8,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from agents.metrics import EVAL_DISTINCT_2, EVAL_PERPLEXITY, EVAL_SENTIMENT, KL_ANALYTIC, KL_COEF, TASK_REWARD
 from agents.cli.run_dir import atomic_write  # noqa: E402
 
 PANELS = (
-    ("rollout/task_reward", "task reward (sentiment)"),
-    ("rollout/kl_analytic", "KL(pi || pi_ref) per sequence"),
-    ("rollout/kl_coef", "beta"),
-    ("eval/sentiment", "eval sentiment"),
-    ("eval/perplexity", "eval perplexity under pi_ref"),
-    ("eval/distinct_2", "eval distinct-2"),
+    (TASK_REWARD, "task reward (sentiment)"),
+    (KL_ANALYTIC, "KL(pi || pi_ref) per sequence"),
+    (KL_COEF, "beta"),
+    (EVAL_SENTIMENT, "eval sentiment"),
+    (EVAL_PERPLEXITY, "eval perplexity under pi_ref"),
+    (EVAL_DISTINCT_2, "eval distinct-2"),
 )
 
 

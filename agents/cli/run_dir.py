@@ -18,6 +18,7 @@ from typing import IO, TYPE_CHECKING
 
 from stable_baselines3.common.logger import CSVOutputFormat, Logger, make_output_format
 
+from agents.metrics import TOTAL_TIMESTEPS
 from agents.state.training_state import save_ppokl
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ def check_run_files(out: Path, n_iterations: int) -> None:
         if n_iterations not in iterations:
             raise RunDirError(f"{metrics} has no row for iteration {n_iterations}, where the checkpoint is: restore it, or start a new --out")
     progress = out / SB3_LOGS / PROGRESS
-    _column(read_rows(progress), "time/total_timesteps", float, progress)
+    _column(read_rows(progress), TOTAL_TIMESTEPS, float, progress)
 
 
 def rewind(out: Path, n_iterations: int, num_timesteps: int) -> None:
@@ -196,7 +197,7 @@ def rewind(out: Path, n_iterations: int, num_timesteps: int) -> None:
         write_rows(out / METRICS, metrics)
     progress = out / SB3_LOGS / PROGRESS
     if progress.exists():
-        kept = [row for row in read_rows(progress) if float(row.get("time/total_timesteps") or 0) <= num_timesteps]
+        kept = [row for row in read_rows(progress) if float(row.get(TOTAL_TIMESTEPS) or 0) <= num_timesteps]
         if kept:
             write_rows(progress, kept)
         else:
