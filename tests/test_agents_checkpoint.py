@@ -18,8 +18,8 @@ from agents import PPOKL
 from agents.state.checkpoint import CheckpointError
 from agents.ppo_kl import main
 from agents.cli.run_dir import export_policy
-from tests.agents_helpers import make_env, make_model
-from tests.test_agents_cli import tiny_run_flags
+from tests.helpers.ppokl import make_env, make_model
+from tests.helpers.cli import tiny_run_flags
 
 
 def _rng_states():

@@ -13,17 +13,7 @@ import torch
 
 from agents.cli.config import build_parser, parse_args
 from agents.ppo_kl import main
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_run_flags(model: str, out: Path, iters: int) -> list[str]:
-    return [
-        "--model", model, "--iters", str(iters), "--n-envs", "2", "--max-prompt-tokens", "8",
-        "--max-new-tokens", "3", "--n-epochs", "1", "--eval-every", "2", "--eval-prompts", "2",
-        "--save-every", "1", "--learning-rate", "1e-3", "--out", str(out),
-    ]  # fmt: skip
-
+from tests.helpers.cli import REPO, run_main, tiny_run_flags
 
 def test_cli_runs_analytic_grad_writes_outputs_and_resumes(tiny_lm_path, tmp_path):
     out = tmp_path / "run"
@@ -89,14 +79,6 @@ def _bin_only_model_with_payload(model: str, tmp_path: Path) -> str:
     (folder / "model.safetensors").unlink()
     torch.save({"payload": _Payload(tmp_path / "pwned")}, folder / "pytorch_model.bin")
     return str(folder)
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
 
 
 CONFIGS = {

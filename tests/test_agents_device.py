@@ -10,8 +10,8 @@ from agents import PPOKL
 from agents.cli.config import parse_args
 from agents.device import checkpointed_layers, device_error
 from agents.cli.evaluation import evaluate
-from tests.agents_helpers import make_env, make_model
-from tests.test_agents_ppo import one_rollout
+from tests.helpers.ppokl import make_env, make_model
+from tests.helpers.ppokl import one_rollout
 
 KL_CONFIG = {"analytic_grad": True, "kl_reward": "analytic", "kl_coef": 0.3}
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from agents import distributed
 from agents.vec_env import LMGymVecEnv
 from lmgym.assets import load_causal_lm
-from tests.agents_helpers import make_env, make_model
-from tests.test_agents_cli import tiny_run_flags
+from tests.helpers.ppokl import make_env, make_model
+from tests.helpers.cli import tiny_run_flags
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["this movie was", "i loved the acting and the music but the plot", "a", "the worst film i have ever seen"]

@@ -1,4 +1,4 @@
-"""A run directory you can trust: every damaged run in ``tests/fault_cases.py`` is refused with one
+"""A run directory you can trust: every damaged run in ``tests/helpers/fault_cases.py`` is refused with one
 line (exit 2, nothing in --out changed) or completed by ``--resume``; diverged updates, full or
 read-only disks and Ctrl-C stop with one line and keep the last good checkpoint; the run's
 lock refuses a second process; the export carries a model card."""
@@ -19,8 +19,8 @@ from agents.state.checkpoint import read_checkpoint
 from agents.ppo_kl import main
 from agents.cli.run_dir import lock_run_dir
 from agents.state.training_state import non_finite
-from tests.fault_cases import FAULT_CASES
-from tests.test_agents_cli import run_main, tiny_run_flags
+from tests.helpers.fault_cases import FAULT_CASES
+from tests.helpers.cli import run_main, tiny_run_flags
 
 BASE_ITERS = 2
 

@@ -7,8 +7,8 @@ import torch
 from agents.lora import BaseModelView, share_base_as_reference
 from agents.rollout.reference import Reference
 from lmgym.assets import load_causal_lm
-from tests.agents_helpers import make_model
-from tests.test_agents_ppo import one_rollout
+from tests.helpers.ppokl import make_model
+from tests.helpers.ppokl import one_rollout
 
 pytest.importorskip("peft")
 

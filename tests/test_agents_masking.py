@@ -12,8 +12,8 @@ from agents import PPOKL
 from agents.ppo_kl import main
 from lmgym.decoding import forward_last
 from lmgym.masks import top_k_top_p_mask
-from tests.agents_helpers import make_env, make_model
-from tests.test_agents_cli import tiny_run_flags
+from tests.helpers.ppokl import make_env, make_model
+from tests.helpers.cli import tiny_run_flags
 
 
 def next_token_logits_along(lm, buffer) -> torch.Tensor:

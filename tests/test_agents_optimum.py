@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.agents_helpers import make_env, make_model
+from tests.helpers.ppokl import make_env, make_model
 
 PROMPT = "this movie was"
 TARGET_REF_PROB = 0.05

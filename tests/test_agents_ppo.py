@@ -11,18 +11,13 @@ from stable_baselines3.common.buffers import DictRolloutBuffer
 import kl_estimators
 from agents import PPOKL
 from agents.algorithm import masked_mean
-from tests.agents_helpers import make_env, make_model
+from tests.helpers.ppokl import make_env, make_model, one_rollout
 
 CONFIGS = [
     {"kl_reward": kind, "analytic_grad": grad} for kind in ("k1", "k2", "k3", "analytic", "none") for grad in (False, True)
 ] + [{"kl_reward": "k1", "kl_loss": loss} for loss in ("k1-loss", "k2-loss", "k3-loss")] + [
     {"kl_reward": "analytic", "analytic_grad": True, "kl_target": 0.5}
 ]
-
-
-def one_rollout(model: PPOKL) -> None:
-    _, callback = model.setup_learn(total_timesteps=10**6, callback=None)
-    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
 
 
 @pytest.mark.filterwarnings("ignore:kl_reward='analytic' without analytic_grad")

@@ -6,7 +6,7 @@ import torch
 
 from agents.rollout.reference import linear_logits, memory_bytes, reference_hidden
 from lmgym.decoding import forward_last
-from tests.agents_helpers import make_env, make_model
+from tests.helpers.ppokl import make_env, make_model
 
 KL_CONFIG = {"analytic_grad": True, "kl_reward": "analytic", "kl_coef": 0.3, "seed": 5}
 

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.test_agents_cli import REPO, tiny_run_flags
+from tests.helpers.cli import REPO, tiny_run_flags
 
 ITERS = 6
 COMMAND = [sys.executable, "-m", "agents.ppo_kl", "--analytic-grad", "--kl-reward", "analytic", "--target-kl", "0.5"]

@@ -7,7 +7,7 @@ import torch
 
 from agents.rollout.reference import Reference
 from agents.rollout.sampling import sample_episodes, trim_left_padding
-from tests.agents_helpers import make_env, make_model
+from tests.helpers.ppokl import make_env, make_model
 
 EOS_AT = {1: [1], 3: [0, 2]}  # sampler call -> rows forced to write EOS (episodes end mid-rollout)
 

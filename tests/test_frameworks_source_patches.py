@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kl_estimators.integrations.source_patches import PATCHES, main, patched_source
-from tests.framework_source import FRAMEWORKS, installed_file
+from tests.helpers.framework_source import FRAMEWORKS, installed_file
 
 
 @pytest.mark.parametrize("framework", sorted(PATCHES))

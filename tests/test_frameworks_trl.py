@@ -17,7 +17,7 @@ from trl import GRPOTrainer  # noqa: E402
 
 import kl_estimators as kl  # noqa: E402
 from kl_estimators.integrations.trl import KLGRPOTrainer  # noqa: E402
-from tests.trl_helpers import batch, build, perturb  # noqa: E402
+from tests.helpers.trl_setup import batch, build, perturb  # noqa: E402
 
 LOSS_TYPES = ("dapo", "grpo", "sapo", "bnpo", "dr_grpo", "luspo", "cispo", "vespo")
 

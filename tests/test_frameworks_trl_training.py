@@ -28,7 +28,7 @@ pytest.importorskip("trl")
 from trl import GRPOTrainer  # noqa: E402
 
 from kl_estimators.integrations.trl import KLGRPOTrainer  # noqa: E402
-from tests.trl_helpers import build  # noqa: E402
+from tests.helpers.trl_setup import build  # noqa: E402
 
 REWARDED = tuple(range(10, 20))
 PROMPT = "this movie was"

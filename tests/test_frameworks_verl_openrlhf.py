@@ -1,6 +1,6 @@
 """verl 0.9.1 and OpenRLHF 0.11.2 KL code against ``kl_estimators``: value and gradient, float64.
 
-Their functions are executed from the installed files (``tests/framework_source.py``: neither
+Their functions are executed from the installed files (``tests/helpers/framework_source.py``: neither
 package imports on CPU without Ray / DeepSpeed / flash-attn). OpenRLHF casts to float32 inside
 ``compute_approx_kl``, so its comparisons use float32 tolerances.
 """
@@ -14,7 +14,7 @@ import torch
 
 import kl_estimators as kl
 from kl_estimators.frameworks import FRAMEWORK_VERSIONS
-from tests.framework_source import installed_file, installed_version, load
+from tests.helpers.framework_source import installed_file, installed_version, load
 
 VERL_CORE = "verl/trainer/ppo/core_algos.py"
 OPENRLHF_UTILS = "openrlhf/models/utils.py"

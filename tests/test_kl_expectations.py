@@ -4,7 +4,7 @@ On random tabular autoregressive pi, pi_ref and mu (vocab 2-5, length 1-4, mu = 
 case), all V^T sequences are enumerated. E_q[gradient] is the gradient of sum_y q(y) S(y) with q
 held constant, S the per-sequence sum of ``per_token_kl_loss``; q = pi on-policy
 (``behaviour_logprobs=None``) and q = mu off-policy. It is compared with the exact quantity the
-table names (autograd of exactly computed divergences in ``tests/tabular.py``), and the value
+table names (autograd of exactly computed divergences in ``tests/helpers/tabular.py``), and the value
 E_q[S] with KL(pi || pi_ref). Every "biased" claim (a False boolean) has a counterexample among
 fixed cases. Nothing is sampled: a failure is a wrong claim or a bug, never noise.
 """
@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 
 from kl_estimators import ESTIMATOR_INFO, ESTIMATORS, GRADIENT_QUANTITIES, per_token_kl_loss, sequence_kl_loss
-from tabular import Tabular, make_tabular, tabulars
+from tests.helpers.tabular import Tabular, make_tabular, tabulars
 
 EXACT = dict(rtol=1e-9, atol=1e-10)
 REGIMES = ("on", "off")

@@ -10,8 +10,8 @@ import torch
 
 import kl_estimators
 from agents.algorithm import masked_mean
-from tests.agents_helpers import make_model
-from tests.test_agents_ppo import one_rollout
+from tests.helpers.ppokl import make_model
+from tests.helpers.ppokl import one_rollout
 
 
 def test_analytic_term_after_a_policy_change_is_prefix_weighted(tiny_lm_path):

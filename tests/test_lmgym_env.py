@@ -3,25 +3,11 @@
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from gymnasium.utils.env_checker import check_env
 
 import lmgym  # noqa: F401  (registers IMDBContinuation-v0)
 from lmgym.env import IMDBContinuationEnv
-
-
-def sequence(obs) -> list[int]:
-    """The unpadded tokens of an observation."""
-    return obs["input_ids"][obs["attention_mask"] == 1].tolist()
-
-
-def reference_logits(model, tokens) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0, -1].float().numpy()
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    return torch.log_softmax(torch.from_numpy(logits), -1).numpy()
+from tests.helpers.lmgym import log_softmax, reference_logits, sequence
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -14,7 +14,7 @@ from lmgym.env import IMDBContinuationEnv
 from lmgym.masks import top_k_top_p_mask
 from lmgym.vector_env import IMDBContinuationVectorEnv
 
-from test_lmgym_env import reference_logits, sequence
+from tests.helpers.lmgym import reference_logits, sequence
 
 
 def brute_force_mask(logits: np.ndarray, top_k: int | None, top_p: float | None) -> np.ndarray:

@@ -9,7 +9,7 @@ from gymnasium.vector import AutoresetMode
 import lmgym  # noqa: F401  (registers IMDBContinuation-v0)
 from lmgym.vector_env import IMDBContinuationVectorEnv
 
-from test_lmgym_env import log_softmax, reference_logits, sequence
+from tests.helpers.lmgym import log_softmax, reference_logits, sequence
 
 N = 4
 

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from kl_estimators import ESTIMATOR_INFO, ESTIMATORS, analytic, per_token_kl_loss
 from lmgym.masks import top_k_top_p_mask
 from studies.nlpo_report import K3_VALUE_ESTIMATORS
-from tabular import Tabular, make_tabular, prefix_rows
+from tests.helpers.tabular import Tabular, make_tabular, prefix_rows
 
 EXACT = dict(rtol=1e-9, atol=1e-10)
 K3_VALUES = K3_VALUE_ESTIMATORS  # the docs' masked-KL table states the same exceptions

@@ -32,3 +32,9 @@ def make_model(model_path: str, env: LMGymVecEnv | None = None, **kwargs) -> PPO
     kwargs.setdefault("seed", 0)
     policy_kwargs = {"model": model_path, **kwargs.pop("policy_kwargs", {})}
     return PPOKL("CausalLMPolicy", env or make_env(model_path), policy_kwargs=policy_kwargs, **kwargs)
+
+
+def one_rollout(model) -> None:
+    """One rollout of ``model`` into its buffer, without an update."""
+    _, callback = model.setup_learn(total_timesteps=10**6, callback=None)
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
