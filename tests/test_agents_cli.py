@@ -15,6 +15,8 @@ from agents.cli.config import build_parser, parse_args
 from agents.ppo_kl import main
 from tests.helpers.cli import REPO, run_main, tiny_run_flags
 
+
+@pytest.mark.slow
 def test_cli_runs_analytic_grad_writes_outputs_and_resumes(tiny_lm_path, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

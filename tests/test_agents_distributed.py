@@ -137,6 +137,7 @@ def test_two_ranks_update_like_one_process_on_the_union_of_their_episodes(tiny_l
         assert logged[0][key] == pytest.approx(single.logger.name_to_value[key], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_torchrun_cli_trains_on_two_ranks_writes_from_rank_0_and_resumes(tiny_lm_path, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

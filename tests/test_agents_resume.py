@@ -13,7 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.cli import REPO, tiny_run_flags
+
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI, a study or a benchmark
 
 ITERS = 6
 COMMAND = [sys.executable, "-m", "agents.ppo_kl", "--analytic-grad", "--kl-reward", "analytic", "--target-kl", "0.5"]

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI, a study or a benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 
