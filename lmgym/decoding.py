@@ -9,6 +9,7 @@ equal those of an unpadded forward over ``tokens_b`` alone. Positions come from 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,37 @@ class IncrementalDecoder:
         )
         hidden = out.hidden_states[-1][:, -1].float() if self.output_hidden else None
         return DecoderOutput(logits=out.logits[:, -1].float(), hidden=hidden)
+
+
+def decode_in_lockstep(
+    models: list[PreTrainedModel],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: int | None,
+    choose: Callable[[list[DecoderOutput]], torch.Tensor],
+    output_hidden: tuple[bool, ...] = (),
+) -> Iterator[tuple[list[DecoderOutput], torch.Tensor, torch.Tensor]]:
+    """Continue a left-padded batch with several causal LMs in lockstep, each with its own KV cache.
+
+    At each step ``choose(outputs)`` picks the next token of every row [B] from the models' outputs
+    at the current state (in ``models``' order; ``output_hidden[i]``: model i also gives its final
+    hidden state); yields ``(outputs, tokens, active)``, ``active`` [B] bool marking the rows still
+    in their continuation before this token. Stops after ``max_new_tokens`` tokens or once every
+    row has written ``eos_id``; every model then sees the chosen tokens (one forward of length 1
+    each)."""
+    hidden = tuple(output_hidden) + (False,) * (len(models) - len(output_hidden))
+    decoders = [IncrementalDecoder(model, output_hidden=h) for model, h in zip(models, hidden)]
+    outputs = [decoder.prefill(input_ids, attention_mask) for decoder in decoders]
+    active = torch.ones(input_ids.shape[0], dtype=torch.bool)
+    for t in range(max_new_tokens):
+        tokens = choose(outputs)
+        yield outputs, tokens, active.clone()
+        if eos_id is not None:
+            active &= tokens.cpu() != eos_id
+        if not active.any() or t + 1 == max_new_tokens:
+            return
+        outputs = [decoder.append(tokens) for decoder in decoders]
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 import kl_estimators
 from agents.cli.evaluation import distinct_n
-from lmgym.decoding import IncrementalDecoder
+from lmgym.decoding import DecoderOutput, decode_in_lockstep
 from lmgym.task import ContinuationTask, log_prob
 
 
@@ -53,26 +53,22 @@ def _sample_batch(
     """Sampled continuation ids, and per-prompt summed KL, reference NLL and token count."""
     tokens = [task.tokenizer(prompt)["input_ids"][-task.max_prompt_tokens :] for prompt in prompts]
     ids, mask = task.batch(tokens)
-    policy, reference = IncrementalDecoder(policy_lm), IncrementalDecoder(task.ref_model)
-    policy_out, ref_out = policy.prefill(ids, mask), reference.prefill(ids, mask)
     n = len(prompts)
-    active = torch.ones(n, dtype=torch.bool)
     kl, nll, n_tokens = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     generated: list[list[int]] = [[] for _ in range(n)]
-    for t in range(task.max_new_tokens):
+
+    def sample(outputs: list[DecoderOutput]) -> torch.Tensor:
+        return torch.multinomial(outputs[0].logits.float().cpu().softmax(-1), 1, generator=generator).squeeze(-1)
+
+    steps = decode_in_lockstep([policy_lm, task.ref_model], ids, mask, task.max_new_tokens, task.eos_id, sample)
+    for (policy_out, ref_out), actions, active in steps:
         logits, ref_logits = policy_out.logits.float().cpu(), ref_out.logits.float().cpu()
-        actions = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
         on = active.float()
         kl += kl_estimators.analytic(logits, ref_logits) * on
         nll -= log_prob(ref_logits, actions) * on
         n_tokens += on
         for i in torch.nonzero(active).flatten().tolist():
             generated[i].append(int(actions[i]))
-        if task.eos_id is not None:
-            active &= actions != task.eos_id
-        if not active.any() or t + 1 == task.max_new_tokens:
-            break
-        policy_out, ref_out = policy.append(actions), reference.append(actions)
     return generated, kl, nll, n_tokens
 
 

@@ -45,8 +45,8 @@ import torch
 
 import kl_estimators
 from lmgym.assets import load_causal_lm
-from lmgym.decoding import IncrementalDecoder
-from lmgym.task import ContinuationTask
+from lmgym.decoding import decode_in_lockstep
+from lmgym.task import ContinuationTask, log_prob
 from studies.lm_variance_policies import BEHAVIOUR, BETAS, run_dir
 from studies.lm_variance_records import load_raw, raw_path, save_raw
 from studies.moments import label
@@ -85,37 +85,29 @@ def sample_batch(policy, behaviour, task: ContinuationTask, batch: int, gen: tor
     """B prompts and continuations y ~ mu (``behaviour``; pi when None), with pi's and pi_ref's outputs."""
     prompts = [task.sample_prompt(rng)[1] for _ in range(batch)]
     ids, attention = task.batch(prompts)
-    pi = IncrementalDecoder(policy, output_hidden=True)
-    ref = IncrementalDecoder(task.ref_model)
-    mu = IncrementalDecoder(behaviour) if behaviour is not None else None
-    pi_out, ref_out = pi.prefill(ids, attention), ref.prefill(ids, attention)
-    mu_out = mu.prefill(ids, attention) if mu is not None else None
-    active = torch.ones(batch, dtype=torch.bool)
+    models = [policy, task.ref_model] + ([behaviour] if behaviour is not None else [])
+
+    def sample(outputs) -> torch.Tensor:  # from mu (the last model), or pi without a behaviour policy
+        return torch.multinomial(outputs[-1 if behaviour is not None else 0].logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
     logits, hidden, ref_logits, mu_logp, tokens, mask = [], [], [], [], [], []
-    for _ in range(task.max_new_tokens):
-        sampler_logits = (mu_out if mu is not None else pi_out).logits
-        actions = torch.multinomial(sampler_logits.softmax(-1), 1, generator=gen).squeeze(-1)
+    for outputs, actions, active in decode_in_lockstep(models, ids, attention, task.max_new_tokens, task.eos_id, sample, (True,)):
+        pi_out, ref_out = outputs[0], outputs[1]
         logits.append(pi_out.logits)
         hidden.append(pi_out.hidden)
         ref_logits.append(ref_out.logits)
-        mu_logp.append(sampler_logits.log_softmax(-1).gather(-1, actions[:, None]).squeeze(-1))
+        mu_logp.append(log_prob(outputs[-1 if behaviour is not None else 0].logits, actions))
         tokens.append(actions)
-        mask.append(active.clone())
-        if task.eos_id is not None:
-            active &= actions != task.eos_id
-        if not active.any():
-            break
-        pi_out, ref_out = pi.append(actions), ref.append(actions)
-        mu_out = mu.append(actions) if mu is not None else None
+        mask.append(active)
     stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
-    return Sampled(stack(logits), stack(hidden), stack(ref_logits), stack(mu_logp) if mu is not None else None, stack(tokens), stack(mask))
+    return Sampled(stack(logits), stack(hidden), stack(ref_logits), stack(mu_logp) if behaviour is not None else None, stack(tokens), stack(mask))
 
 
 def logit_gradient(s: Sampled, estimator: str, options: dict) -> torch.Tensor:
     """[B, T, V] delta_bt = dS_b / dz_bt: row b is sequence b's own estimate (S_b its per-token sum)."""
     logits = s.logits.detach().requires_grad_()
-    logp = logits.log_softmax(-1).gather(-1, s.tokens.unsqueeze(-1)).squeeze(-1)
-    ref_logp = s.ref_logits.log_softmax(-1).gather(-1, s.tokens.unsqueeze(-1)).squeeze(-1)
+    logp = log_prob(logits, s.tokens)
+    ref_logp = log_prob(s.ref_logits, s.tokens)
     terms = kl_estimators.per_token_kl_loss(
         estimator, logp, ref_logp, s.mask, logits, s.ref_logits, behaviour_logprobs=s.behaviour_logprobs, **options
     )
@@ -161,7 +153,7 @@ def chunk_record(s: Sampled, runs, c, a) -> dict[str, torch.Tensor]:
     projected, exact = sequence_statistics(s, runs, c, a)
     record = {"projected": projected, "exact_norm_sq": exact, "kl": kl_along(s).double(), "n_tokens": s.mask.sum(-1).double()}
     if s.behaviour_logprobs is not None:  # sum_t log pi/mu along y ~ mu: its mean is -KL(mu || pi)
-        logp = s.logits.log_softmax(-1).gather(-1, s.tokens.unsqueeze(-1)).squeeze(-1)
+        logp = log_prob(s.logits, s.tokens)
         record["log_ratio"] = torch.where(s.mask, logp - s.behaviour_logprobs, 0.0).sum(-1).double()
     return record
 

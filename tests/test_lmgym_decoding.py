@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmgym.assets import load_causal_lm
-from lmgym.decoding import IncrementalDecoder, contiguous_output_layer, forward_last, position_ids_from_mask
+from lmgym.decoding import IncrementalDecoder, contiguous_output_layer, decode_in_lockstep, forward_last, position_ids_from_mask
 from lmgym.task import left_pad
 
 
@@ -151,3 +151,35 @@ def test_contiguous_output_layer_keeps_logits_and_feeds_a_contiguous_input(tiny_
     head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
     torch.testing.assert_close(forward_last(model, ids, mask, 3).logits, expected)
     assert seen == [True] and len(head._forward_pre_hooks) == 2  # ours once, the recorder
+
+
+def test_decode_in_lockstep_gives_each_model_the_chosen_tokens_and_stops_at_eos(tiny_model):
+    """Two copies of one model in lockstep, greedy on the first: both see the same states, so their
+    logits agree at every step and equal an unpadded forward; a row that writes EOS goes inactive,
+    and the loop stops once every row has."""
+    model, tokenizer = tiny_model
+    prompts = [[5, 6, 7], [8, 9]]
+    ids, mask = left_pad(prompts, 3, tokenizer.pad_token_id or 0)
+    greedy = [list(p) for p in prompts]
+    eos = None
+    steps = []
+    for outputs, tokens, active in decode_in_lockstep(
+        [model, model], torch.from_numpy(ids), torch.from_numpy(mask), 6, None, lambda outs: outs[0].logits.argmax(-1), (True,)
+    ):
+        assert outputs[0].hidden is not None and outputs[1].hidden is None
+        torch.testing.assert_close(outputs[0].logits, outputs[1].logits)
+        for row, sequence in enumerate(greedy):
+            torch.testing.assert_close(outputs[0].logits[row], full_forward(model, sequence)[0].float(), rtol=1e-4, atol=1e-4)
+            sequence.append(int(tokens[row]))
+        steps.append((tokens, active))
+        eos = int(tokens[0]) if eos is None else eos
+    assert len(steps) == 6 and all(active.all() for _, active in steps)
+    # with row 0's first greedy token as EOS: a row is active until it has written EOS, and the loop
+    # ends once no row is active (or after 6 tokens)
+    stopped = list(decode_in_lockstep([model], torch.from_numpy(ids), torch.from_numpy(mask), 6, eos, lambda outs: outs[0].logits.argmax(-1)))
+    ended = torch.zeros(2, dtype=torch.bool)
+    for t, (_, tokens, active) in enumerate(stopped):
+        assert torch.equal(active, ~ended) and active.any()
+        ended |= tokens == eos
+    assert ended.all() or len(stopped) == 6
+    assert not stopped[-1][2][0] or len(stopped) == 1  # row 0 ended at its first token
