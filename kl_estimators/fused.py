@@ -30,6 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kl_estimators._checks import check_mask, check_ndim, check_positive_int, upcast
+from kl_estimators._support import row_chunks, support_log_ratio
 
 # Elements of one [chunk, V] block when ``chunk_size`` is None: 2^24 float32 = 64 MiB per block; the
 # peak holds about four such blocks (bench/bench_fused.py).
@@ -120,10 +121,8 @@ def _forward_terms(logp: torch.Tensor, logq: torch.Tensor | None, finite: bool) 
     entropy = -_dot(p, torch.where(in_p, logp, 0.0))
     if logq is None:
         return torch.zeros_like(entropy), entropy
-    outside_q = in_p & torch.isneginf(logq)
-    both = in_p & ~outside_q
-    kl = _dot(p, torch.where(both, logp - logq, 0.0))
-    return torch.where(outside_q.any(-1), torch.inf, kl), entropy
+    log_ratio, infinite = support_log_ratio(logp, logq)
+    return torch.where(infinite, torch.inf, _dot(p, log_ratio)), entropy
 
 
 def _logit_gradient(
@@ -178,7 +177,7 @@ class _FusedKLRows(torch.autograd.Function):
         n = h_p.shape[0]
         dtype = torch.promote_types(upcast(h_p).dtype, upcast(w_p).dtype)
         kl, logp_y, logq_y, entropy, lse_p, lse_q = (h_p.new_zeros(n, dtype=dtype) for _ in range(6))
-        for rows in _chunks(n, chunk):
+        for rows in row_chunks(n, chunk):
             y = tokens[rows].unsqueeze(-1)
             logp, lse_p[rows] = policy.log_probs(h_p[rows])
             logp_y[rows] = logp.gather(-1, y).squeeze(-1)
@@ -203,7 +202,7 @@ class _FusedKLRows(torch.autograd.Function):
         dtype = kl.dtype
         grad_h = torch.zeros_like(h_p) if want_h else None
         grad_w = grad_b = None
-        for rows in _chunks(h_p.shape[0], ctx.chunk):
+        for rows in row_chunks(h_p.shape[0], ctx.chunk):
             logp, _ = policy.log_probs(h_p[rows], lse_p[rows])
             logq = None if reference is None or g_kl is None else reference.log_probs(h_q[rows], lse_q[rows])[0]
             grads = tuple(None if g is None else g[rows] for g in (g_kl, g_logp, g_entropy))
@@ -224,10 +223,6 @@ class _FusedKLRows(torch.autograd.Function):
         grad_w = None if grad_w is None else grad_w.to(w_p.dtype)
         grad_b = None if grad_b is None else grad_b.to(b_p.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 def auto_chunk_size(vocab: int) -> int:

@@ -16,7 +16,8 @@ from kl_estimators._checks import (
     compute_dtype,
     upcast,
 )
-from kl_estimators.fused import LinearLogits, _chunks, fused_analytic
+from kl_estimators._support import row_chunks, support_log_ratio
+from kl_estimators.fused import LinearLogits, fused_analytic
 
 
 def _masked_pair(
@@ -67,12 +68,8 @@ def _kl_from_log_probs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     Only entries in both supports enter the differentiated sum, so no -inf/NaN reaches backward;
     rows with p > 0 = q are set to +inf through ``torch.where`` and receive a zero gradient.
     """
-    in_p = ~torch.isneginf(logp)
-    outside_q = in_p & torch.isneginf(logq)
-    both = in_p & ~outside_q
-    log_ratio = torch.where(both, logp - logq, 0.0)
-    finite = (logp.exp() * log_ratio).sum(-1)
-    return torch.where(outside_q.any(-1), torch.inf, finite)
+    log_ratio, infinite = support_log_ratio(logp, logq)
+    return torch.where(infinite, torch.inf, (logp.exp() * log_ratio).sum(-1))
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -87,7 +84,7 @@ class _ChunkedKL(torch.autograd.Function):
         ctx.save_for_backward(logits_p, logits_q, mask)
         ctx.chunk_size = chunk_size
         out = logits_p.new_empty(logits_p.shape[0], dtype=compute_dtype(logits_p, logits_q))
-        for rows in _chunks(logits_p.shape[0], chunk_size):
+        for rows in row_chunks(logits_p.shape[0], chunk_size):
             logp, logq = _row_log_probs(logits_p[rows], logits_q[rows], _rows_of(mask, rows))
             out[rows] = _kl_from_log_probs(logp, logq)
         return out
@@ -99,7 +96,7 @@ class _ChunkedKL(torch.autograd.Function):
         want_p, want_q = ctx.needs_input_grad[:2]
         grad_p = torch.empty_like(logits_p) if want_p else None
         grad_q = torch.empty_like(logits_q) if want_q else None
-        for rows in _chunks(logits_p.shape[0], ctx.chunk_size):
+        for rows in row_chunks(logits_p.shape[0], ctx.chunk_size):
             row_mask = _rows_of(mask, rows)
             logp, logq = _row_log_probs(logits_p[rows], logits_q[rows], row_mask)
             kl = _kl_from_log_probs(logp, logq)
