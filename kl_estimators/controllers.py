@@ -9,8 +9,8 @@ class FixedKLController:
     """A constant KL coefficient beta."""
 
     def __init__(self, kl_coef: float) -> None:
-        if not kl_coef >= 0:
-            raise ValueError(f"kl_coef must be >= 0, got {kl_coef!r}")
+        if not (math.isfinite(kl_coef) and kl_coef >= 0):
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
         self._value = float(kl_coef)
 
     @property
@@ -26,16 +26,18 @@ class FixedKLController:
 class AdaptiveKLController:
     """Proportional control of beta towards a target KL.
 
-    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon).
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * max(0, 1 + e * n_steps / horizon).
+
+    The factor is floored at 0 so that beta never turns negative (it could once n_steps > 5 horizon).
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
-        if not init_kl_coef >= 0:
-            raise ValueError(f"init_kl_coef must be >= 0, got {init_kl_coef!r}")
-        if not target > 0:
-            raise ValueError(f"target must be > 0, got {target!r}")
-        if not horizon > 0:
-            raise ValueError(f"horizon must be > 0, got {horizon!r}")
+        if not (math.isfinite(init_kl_coef) and init_kl_coef >= 0):
+            raise ValueError(f"init_kl_coef must be a finite number >= 0, got {init_kl_coef!r}")
+        if not (math.isfinite(target) and target > 0):
+            raise ValueError(f"target must be a finite number > 0, got {target!r}")
+        if not (math.isfinite(horizon) and horizon > 0):
+            raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
         self._value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)
@@ -52,5 +54,5 @@ class AdaptiveKLController:
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps!r}")
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self._value *= 1.0 + error * n_steps / self.horizon
+        self._value *= max(0.0, 1.0 + error * n_steps / self.horizon)
         return self._value

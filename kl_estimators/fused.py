@@ -23,6 +23,7 @@ where p > 0 = q (with a zero gradient), and masked positions give 0 with a zero 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -60,8 +61,8 @@ class LinearLogits:
             )
         if self.bias is not None and tuple(self.bias.shape) != (self.weight.shape[0],):
             raise ValueError(f"bias must be [V] = [{self.weight.shape[0]}], got {tuple(self.bias.shape)}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
 
     @property
     def shape(self) -> torch.Size:

@@ -24,7 +24,7 @@ def test_fixed_controller_never_changes(coef, kl, n_steps):
 def test_adaptive_controller_follows_proportional_rule(beta, target, horizon, kl, n_steps):
     controller = AdaptiveKLController(beta, target, horizon)
     error = min(max(kl / target - 1, -0.2), 0.2)
-    expected = beta * (1 + error * n_steps / horizon)
+    expected = beta * max(0.0, 1 + error * n_steps / horizon)  # floored: beta never turns negative
     assert controller.update(kl, n_steps) == pytest.approx(expected, rel=1e-12)
     assert controller.value == pytest.approx(expected, rel=1e-12)
 
@@ -55,3 +55,22 @@ def test_adaptive_controller_moves_beta_towards_target():
 def test_bad_arguments_raise(make, name):
     with pytest.raises(ValueError, match=name):
         make()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_controllers_refuse_non_finite_or_negative_settings(bad):
+    with pytest.raises(ValueError, match="kl_coef"):
+        FixedKLController(bad)
+    with pytest.raises(ValueError, match="init_kl_coef"):
+        AdaptiveKLController(bad, 1.0, 10)
+    with pytest.raises(ValueError, match="horizon"):
+        AdaptiveKLController(0.1, 1.0, bad if bad != -1.0 else 0.0)
+    with pytest.raises(ValueError, match="target"):
+        AdaptiveKLController(0.1, bad, 10)
+
+
+def test_adaptive_factor_is_never_negative():
+    """KL far below target over more than 5 horizons: e = -0.2 would give 1 - 0.2 n / H < 0."""
+    controller = AdaptiveKLController(0.5, target=1.0, horizon=10)
+    assert controller.update(0.0, 100) == 0.0
+    assert controller.update(2.0, 100) == 0.0  # beta stays at 0 (a multiplicative controller cannot leave it)
