@@ -208,11 +208,6 @@ def compute_line(folder: Path = RESULTS) -> str:
     return f"{n} sequences, {seconds / 60:.0f} min of one shared CPU thread (sampling and all estimators){check}."
 
 
-def second_moment_table(folder: Path = RESULTS) -> str:
-    """The exact E|g|^2 of the output-layer gradient per sequence (no projection)."""
-    return _table(load_summaries(folder), lambda m: _fmt(m["exact_second_moment"]))
-
-
 def _plot(summaries: list[dict], out: Path) -> None:
     import matplotlib
 

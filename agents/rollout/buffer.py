@@ -44,6 +44,15 @@ class SequenceRolloutBuffer:
         self.gae_lambda = gae_lambda
         self.action_masks: torch.Tensor | None = None  # [n, t, V] bool, allocated by the first masked step
         self.n_steps = 0
+        # per-rollout storage, allocated by ``reset`` ([n, t] unless noted)
+        self.prompt_ids = self.prompt_mask = torch.zeros(n_envs, 0, dtype=torch.long)  # [n, P]
+        self.actions = torch.zeros(n_envs, 0, dtype=torch.long)
+        self.mask = torch.zeros(n_envs, 0, dtype=torch.bool)  # generated tokens
+        self.logprobs = self.ref_logprobs = self.values = self.analytic_kl = torch.zeros(n_envs, 0)
+        self.ref_logits: torch.Tensor | None = None  # [n, t, V] with store_ref_logits
+        self.task_rewards = torch.zeros(n_envs)  # [n] reward at each episode's end
+        # set by ``compute_returns_and_advantage``
+        self.kl = self.rewards = self.advantages = self.returns = torch.zeros(n_envs, 0)
 
     def reset(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         """Start a rollout from the (left-padded) prompts of the first observations."""
@@ -99,10 +108,13 @@ class SequenceRolloutBuffer:
             self.advantages = self.advantages + kl_coef * self.kl
 
     def _truncate(self) -> None:
+        """Drop the steps after the last one taken (every episode ended before ``max_steps``)."""
         t = self.n_steps
-        for name in ("actions", "mask", "logprobs", "ref_logprobs", "values", "analytic_kl", "ref_logits", "ref_hidden", "action_masks"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name)[:, :t])
+        self.actions, self.mask, self.logprobs = self.actions[:, :t], self.mask[:, :t], self.logprobs[:, :t]
+        self.ref_logprobs, self.values, self.analytic_kl = self.ref_logprobs[:, :t], self.values[:, :t], self.analytic_kl[:, :t]
+        self.ref_logits = None if self.ref_logits is None else self.ref_logits[:, :t]
+        self.ref_hidden = None if self.ref_hidden is None else self.ref_hidden[:, :t]
+        self.action_masks = None if self.action_masks is None else self.action_masks[:, :t]
 
     def sequences(self, indices: torch.Tensor) -> SequenceBatch:
         """The stored sequences at ``indices`` as model inputs plus training targets."""

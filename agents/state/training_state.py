@@ -19,11 +19,10 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from stable_baselines3 import PPO
 
 from agents.options import UNSTORED_ARGUMENTS
 from agents.state.checkpoint import EPISODE_BUFFERS, CheckpointError, CheckpointMeta, Counters, ModelIdentity, read_checkpoint, write_checkpoint
@@ -106,7 +105,24 @@ def non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     return [name for (name, t), total in zip(floating, sums) if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all())]
 
 
-def check_finite(model: PPO, when: str) -> None:
+class PPOKLState(Protocol):
+    """What of a PPOKL (``agents.algorithm.PPOKL``) its training state reads and restores; a
+    Protocol, so this module needs no import of the algorithm, which imports it."""
+
+    policy: Any  # agents.policy.CausalLMPolicy
+    settings: dict[str, Any]
+    kl_controller: Any
+    masking_lm: torch.nn.Module | None
+    action_space: Any
+    num_timesteps: int
+    n_iterations: int
+
+    def make_kl_controller(self, beta: float) -> Any: ...
+
+    def restore_masking_policy(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def check_finite(model: PPOKLState, when: str) -> None:
     """``NonFiniteStateError`` if the policy's parameters or the optimizer's state hold NaN/inf."""
     named = list(model.policy.named_parameters())
     for index, state in model.policy.optimizer.state_dict()["state"].items():
@@ -127,7 +143,7 @@ def config_sha256(config: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_identity(model: PPO) -> ModelIdentity:
+def model_identity(model: PPOKLState) -> ModelIdentity:
     return ModelIdentity(
         model=str(model.policy.model_spec),
         config_sha256=config_sha256(model.policy.lm.config),
@@ -135,7 +151,7 @@ def model_identity(model: PPO) -> ModelIdentity:
     )
 
 
-def save_ppokl(model: PPO, path: str | Path, run: Mapping[str, Any] | None = None) -> None:
+def save_ppokl(model: PPOKLState, path: str | Path, run: Mapping[str, Any] | None = None) -> None:
     """Write ``model``'s full training state to ``path`` (``run``: the CLI's arguments, stored so that
     a resume can check them); ``NonFiniteStateError`` instead of writing NaN/inf."""
     tensors: dict[str, torch.Tensor] = {}
@@ -188,7 +204,7 @@ def _fits(value: Any, default: Any) -> bool:
     return type(value) is type(default)
 
 
-def check_settings(cls: type[PPO], settings: Mapping[str, Any], path: Path) -> None:
+def check_settings(cls: type[PPOKLState], settings: Mapping[str, Any], path: Path) -> None:
     """Every stored setting is a constructor argument, of the type of its default."""
     parameters = inspect.signature(cls.__init__).parameters
     for name, value in settings.items():
@@ -199,7 +215,7 @@ def check_settings(cls: type[PPO], settings: Mapping[str, Any], path: Path) -> N
             raise CheckpointError(f"{path}: field 'settings.{name}' must be a {kind}, got {value!r}")
 
 
-def _optimizer_state(model: PPO, meta: CheckpointMeta, tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:
+def _optimizer_state(model: PPOKLState, meta: CheckpointMeta, tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:
     """The optimizer's state dict, each tensor checked against its parameter's shape."""
     params = [p for group in model.policy.optimizer.param_groups for p in group["params"]]
     per_param: dict[int, dict[str, Any]] = {}
@@ -218,7 +234,7 @@ def _optimizer_state(model: PPO, meta: CheckpointMeta, tensors: Mapping[str, tor
     return {"state": per_param, "param_groups": meta.optimizer["param_groups"]}
 
 
-def load_ppokl(cls: type[PPO], path: str | Path, env: Any, device: torch.device | str, **kwargs: Any) -> PPO:
+def load_ppokl(cls: type[PPOKLState], path: str | Path, env: Any, device: torch.device | str, **kwargs: Any) -> PPOKLState:
     """A ``cls`` on ``env`` in the exact training state saved at ``path``; ``kwargs`` override settings."""
     path = Path(path)
     meta, tensors = read_checkpoint(path)
