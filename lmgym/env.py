@@ -28,7 +28,8 @@ import torch
 
 from lmgym.decoding import IncrementalDecoder
 from lmgym.masks import ActionMasker, LogitsFn
-from lmgym.task import ContinuationTask, log_prob
+from lmgym.task import log_prob
+from lmgym.tasks import make_task
 
 
 class IMDBContinuationEnv(gym.Env):
@@ -41,15 +42,17 @@ class IMDBContinuationEnv(gym.Env):
         mask_top_p: float | None = None,
         mask_model: torch.nn.Module | None = None,
         mask_logits_fn: LogitsFn | None = None,
+        task: str = "imdb",
         **task_kwargs,
     ):
-        """``mask_*``: the action masks (module docstring). Other keyword arguments are those of
-        ``lmgym.task.ContinuationTask`` (model, ref_model, ...)."""
+        """``mask_*``: the action masks (module docstring). ``task``: a registered task's name
+        (``lmgym.tasks``); the other keyword arguments go to its factory (for ``"imdb"``, those of
+        ``lmgym.task.ContinuationTask``: model, ref_model, ...)."""
         self.masker = ActionMasker(mask_top_k, mask_top_p, mask_model, mask_logits_fn)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
-        self.task = ContinuationTask(**task_kwargs)
+        self.task = make_task(task, **task_kwargs)
         self.observation_space = self.task.observation_space
         self.action_space = self.task.action_space
         self.decoder = IncrementalDecoder(self.task.ref_model)

@@ -43,7 +43,8 @@ from gymnasium.vector.utils import batch_space
 
 from lmgym.decoding import IncrementalDecoder, sequence_logits
 from lmgym.masks import ActionMasker, LogitsFn, next_token_logits
-from lmgym.task import ContinuationTask, log_prob
+from lmgym.task import log_prob
+from lmgym.tasks import make_task
 
 
 class IMDBContinuationVectorEnv(VectorEnv):
@@ -59,11 +60,13 @@ class IMDBContinuationVectorEnv(VectorEnv):
         mask_top_p: float | None = None,
         mask_model: torch.nn.Module | None = None,
         mask_logits_fn: LogitsFn | None = None,
+        task: str = "imdb",
         **task_kwargs,
     ):
         """``step_ref_logits``: put pi_ref's logits and log-probs in every step's info; ``mask_*``:
-        the action masks (see the module docstring). Other keyword arguments are those of
-        ``lmgym.task.ContinuationTask``."""
+        the action masks (see the module docstring). ``task``: a registered task's name
+        (``lmgym.tasks``); the other keyword arguments go to its factory (for ``"imdb"``, those of
+        ``lmgym.task.ContinuationTask``)."""
         self.masker = ActionMasker(mask_top_k, mask_top_p, mask_model, mask_logits_fn)
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -77,7 +80,7 @@ class IMDBContinuationVectorEnv(VectorEnv):
         self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
         self.render_mode = render_mode
         self.step_ref_logits = bool(step_ref_logits)
-        self.task = ContinuationTask(**task_kwargs)
+        self.task = make_task(task, **task_kwargs)
         self.single_observation_space = self.task.observation_space
         self.single_action_space = self.task.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
