@@ -24,7 +24,7 @@ def _reward(completion_ids, **_):
 
 
 def _build(trainer_class, tiny_lm_path, tiny_tokenizer, tmp_path, prompts=("this movie was", "the plot"), **kwargs):
-    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size")}
+    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size", "peft_config")}
     reward_funcs = kwargs.pop("reward_funcs", _reward)
     options = dict(output_dir=str(tmp_path / "rloo"), beta=BETA, num_generations=G, per_device_train_batch_size=G,
                    max_completion_length=4, max_steps=1, report_to=[], save_strategy="no", use_cpu=True,
@@ -119,6 +119,8 @@ def test_loss_placed_estimator_with_importance_weights(tiny_lm_path, tiny_tokeni
     mask = out["completion_mask"].bool()
     rewards = torch.tensor(_reward([ids[m].tolist() for ids, m in zip(out["completion_ids"], mask)]))
     torch.testing.assert_close(out["advantages"], _loo(rewards), rtol=1e-6, atol=1e-7)
+    k1 = ((out["old_per_token_logps"] - out["ref_per_token_logps"]) * mask).sum() / mask.sum()
+    assert trainer._metrics["train"]["kl"][-1] == pytest.approx(k1.item(), rel=1e-5)  # TRL's kl metric, not 0
     perturb(trainer.model, scale=0.05, seed=1)  # pi moves away from the rollout policy mu
     loss, grads = _grads(trainer, out)
     trainer.model.zero_grad()
@@ -138,11 +140,18 @@ def test_loss_placed_estimator_with_importance_weights(tiny_lm_path, tiny_tokeni
 @pytest.mark.parametrize(("overrides", "message"), (
     (dict(kl_estimator="nope"), "kl_estimator must be one of"),
     (dict(kl_estimator="analytic-future", num_iterations=2), "use 'analytic-future-is'"),
+    (dict(kl_estimator="analytic-future", steps_per_generation=2), "use 'analytic-future-is'"),
     (dict(kl_estimator="analytic-future", normalize_advantages=True), "normalize_advantages=False"),
     (dict(beta=0.0), "beta"),
     (dict(beta=float("nan")), "beta"),
+    (dict(beta=-0.1), "beta"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(peft_config=object()), "PEFT does not have"),
+    (dict(weight_clip=0.0), "weight_clip"),
 ))
-def test_refused_configurations(tiny_lm_path, tiny_tokenizer, tmp_path, overrides, message):
+def test_refused_configurations(tiny_lm_path, tiny_tokenizer, tmp_path, overrides, message, monkeypatch):
+    """Each refused before any model loads (a load would fail here)."""
+    monkeypatch.setattr(RLOOTrainer, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError, match=message):
         _build(KLRLOOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path, **overrides)
 

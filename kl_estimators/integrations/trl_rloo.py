@@ -19,8 +19,9 @@ that advantage, averaged over the sequences. Each estimator goes where it needs 
   (``score_t`` x a sum over the whole sequence equals the future sum in expectation). KL_t comes
   from ``kl_estimators.fused_kl`` on the hidden states of the forwards TRL already runs (the old
   policy's and the reference's at generation, the policy's in the loss): no [B, T, V] logits.
-  Needs ``num_iterations = 1`` (the reward would be the rollout policy's) and no advantage
-  normalisation (it would rescale the reward part only).
+  Needs each batch used for one optimiser step (``num_iterations = 1``, ``steps_per_generation =
+  gradient_accumulation_steps``: else the reward is a stale policy's), no advantage normalisation
+  (it would rescale the reward part only) and a separate reference model (not PEFT).
 - Any other estimator goes in the loss only: beta x the sequence sum of
   ``per_token_kl_loss(kl_estimator, ...)``, batch mean, with the rollout (old) policy's per-token
   log-probs as the behaviour policy mu. With ``num_iterations > 1`` the ``-is`` estimators
@@ -38,10 +39,12 @@ from typing import Any
 import torch
 from trl import RLOOTrainer
 
-from kl_estimators.fused import LinearLogits, fused_kl
+from kl_estimators._checks import check_positive_int
+from kl_estimators.fused import fused_kl
 from kl_estimators.gradients import per_token_kl_loss
 from kl_estimators.info import ESTIMATOR_INFO
 from kl_estimators.integrations.trl import KLGRPOTrainer, _backbone
+from kl_estimators.weights import check_weight_clip
 
 REWARD_ESTIMATORS = ("reinforce", "analytic-future")  # those whose score part goes in RLOO's sequence reward
 
@@ -58,21 +61,28 @@ class KLRLOOTrainer(RLOOTrainer):
                  chunk_size: int | None = None, **kwargs: Any) -> None:
         if kl_estimator not in ESTIMATOR_INFO:
             raise ValueError(f"kl_estimator must be one of {tuple(ESTIMATOR_INFO)}, got {kl_estimator!r}")
-        config = kwargs.get("args")
+        check_weight_clip(weight_clip)
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)  # RLOOTrainer(model, reward_funcs, args, ...)
         if config is not None:
             if not config.beta > 0 or config.beta == float("inf"):
                 raise ValueError(f"KLRLOOTrainer needs RLOOConfig(beta) finite and > 0 (the KL coefficient), got {config.beta}")
-            if kl_estimator == "analytic-future" and config.num_iterations > 1:
+            if kl_estimator == "analytic-future" and (
+                    config.num_iterations > 1 or config.steps_per_generation > config.gradient_accumulation_steps):
                 raise ValueError("kl_estimator='analytic-future' puts the rollout policy's KL in the reward, which is stale "
-                                 "with num_iterations > 1: use 'analytic-future-is'")
+                                 "with num_iterations > 1 or steps_per_generation > gradient_accumulation_steps: "
+                                 "use 'analytic-future-is'")
             if kl_estimator == "analytic-future" and config.normalize_advantages:
                 raise ValueError("kl_estimator='analytic-future' needs normalize_advantages=False: the normalisation "
                                  "would rescale its reward part but not its direct part")
-        super().__init__(*args, **kwargs)
-        if self.beta == 0.0:
-            raise ValueError("KLRLOOTrainer needs RLOOConfig(beta > 0): beta is the KL coefficient")
+        if ESTIMATOR_INFO[kl_estimator].needs_logits and kwargs.get("peft_config") is not None:
+            raise ValueError(f"kl_estimator={kl_estimator!r} needs a separate reference model, which PEFT does not have: "
+                             "use 'reinforce' or 'reinforce-future-is'")
+        super().__init__(*args, **kwargs)  # without args, TRL's RLOOConfig: beta 0.05, num_iterations 1
         if ESTIMATOR_INFO[kl_estimator].needs_logits and self.ref_model is None:
-            raise ValueError(f"kl_estimator={kl_estimator!r} needs a separate reference model (PEFT is not supported)")
+            raise ValueError(f"kl_estimator={kl_estimator!r} needs a separate reference model, which PEFT does not have: "
+                             "use 'reinforce' or 'reinforce-future-is'")
         self.kl_estimator = kl_estimator
         self.kl_weight_clip = weight_clip
         self.kl_chunk_size = chunk_size
