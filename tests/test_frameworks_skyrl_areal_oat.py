@@ -55,6 +55,11 @@ def test_skyrl_kl_loss(skyrl, name):
     logps, ref, _, mask = _inputs(seed=20 + len(name))
     theirs = skyrl["compute_approx_kl"](logps, ref, loss_mask=mask, kl_estimator_type=name)
     _assert_same(theirs, kl.per_token_kl_loss(SKYRL_NAMES[name], logps, ref, mask), logps, mask)
+    if name == "k3":  # beyond the clamp: value 10, no gradient
+        far = torch.tensor([[-15.0]], dtype=torch.float64, requires_grad=True)
+        value = skyrl["compute_approx_kl"](far, torch.tensor([[-1.0]], dtype=torch.float64), kl_estimator_type="k3")
+        (grad,) = torch.autograd.grad(value.sum(), far)
+        assert value.item() == 10.0 and grad.item() == 0.0
 
 
 def test_skyrl_kl_loss_lines(skyrl):
@@ -109,6 +114,7 @@ def test_areal_kl_estimator(areal, name, estimator):
     logps, ref, _, mask = _inputs(seed=30 + len(name), dtype=torch.float32)
     _assert_same(areal(name)(logps, ref), kl.per_token_kl_loss(estimator, logps, ref, mask), logps, mask,
                  rtol=1e-5, atol=1e-6)
+    assert areal(name)(torch.tensor([-0.5]), torch.tensor([-30.0])).item() == 10.0  # clamped, k1 included
 
 
 @pytest.mark.parametrize(("name", "estimator"), (("k1", "reinforce-future"), ("k3", "k3-reward")))
@@ -117,6 +123,8 @@ def test_areal_kl_in_reward(areal, name, estimator):
     (discount = gae_lambda = 1 by default); with no critic (values 0) the advantage is the reward-to-go,
     and the surrogate's gradient is ``estimator``'s. The block runs verbatim; the last column is the
     position after the completion, outside loss_mask, as in AReaL's layout."""
+    source = installed_file("areal/api/cli_args.py").read_text()
+    assert "discount: float = field(\n        default=1.0" in source and "gae_lambda: float = field(\n        default=1.0" in source
     logps, ref, _, mask = _inputs(seed=33, dtype=torch.float32)
     B, T = logps.shape
     pad = torch.zeros(B, 1)
