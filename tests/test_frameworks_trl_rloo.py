@@ -195,3 +195,34 @@ def test_tabular_expected_gradient_of_the_placement():
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     alone = torch.autograd.grad(reward_only, (theta1, theta2))
     assert max((x - y).abs().max().item() for x, y in zip(alone, expected)) > 1e-3
+
+
+def test_peft_loss_placed_estimator(tiny_lm_path, tiny_tokenizer, tmp_path):
+    """With a LoRA adapter (TRL's reference = the same model with the adapter disabled), a loss-placed
+    estimator without logits ("reinforce-future-is") gets TRL's reference log-probs: the loss is RLOO's
+    plus beta x the sequence sum of per_token_kl_loss on log-probs from the full logits, value and gradients."""
+    from peft import LoraConfig
+
+    trainer = _build(KLRLOOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path, kl_estimator="reinforce-future-is",
+                     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert trainer.ref_model is None
+    with torch.no_grad():  # _build perturbed every weight, the base's too: move the adapter off zero as well
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.3)
+    out = _generate(trainer)
+    mask = out["completion_mask"].bool()
+    ids = out["completion_ids"].unsqueeze(-1)
+    with torch.no_grad(), trainer.model.disable_adapter():
+        ref = _full_logits(trainer.model, out).log_softmax(-1).gather(-1, ids).squeeze(-1)
+    torch.testing.assert_close(out["ref_per_token_logps"][mask], ref[mask], rtol=1e-5, atol=1e-5)
+    assert (out["old_per_token_logps"] - ref)[mask].abs().max() > 1e-3
+    loss, grads = _grads(trainer, out)
+    trainer.model.zero_grad()
+    logps = _full_logits(trainer.model, out).log_softmax(-1).gather(-1, ids).squeeze(-1)
+    terms = kl.per_token_kl_loss("reinforce-future-is", logps, ref, mask, behaviour_logprobs=out["old_per_token_logps"])
+    reference = RLOOTrainer._compute_loss(trainer, trainer.model, out) + BETA * (terms * mask).sum(-1).mean()
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    for x, p in zip(grads, (p for p in trainer.model.parameters() if p.grad is not None)):
+        torch.testing.assert_close(x, p.grad, rtol=1e-4, atol=1e-6)
