@@ -146,7 +146,6 @@ def test_loss_placed_estimator_with_importance_weights(tiny_lm_path, tiny_tokeni
     (dict(beta=float("nan")), "beta"),
     (dict(beta=-0.1), "beta"),
     (dict(chunk_size=0), "chunk_size"),
-    (dict(peft_config=object()), "PEFT does not have"),
     (dict(weight_clip=0.0), "weight_clip"),
 ))
 def test_refused_configurations(tiny_lm_path, tiny_tokenizer, tmp_path, overrides, message, monkeypatch):
@@ -226,3 +225,35 @@ def test_peft_loss_placed_estimator(tiny_lm_path, tiny_tokenizer, tmp_path):
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
     for x, p in zip(grads, (p for p in trainer.model.parameters() if p.grad is not None)):
         torch.testing.assert_close(x, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_peft_analytic_future(tiny_lm_path, tiny_tokenizer, tmp_path):
+    """With a LoRA adapter, "analytic-future" takes the reference's hidden states from TRL's
+    adapter-disabled forward and the base model's output layer: the reward's KL is the exact KL between
+    the adapted and the adapter-disabled model, from the full logits."""
+    from peft import LoraConfig
+
+    trainer = _build(KLRLOOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path, kl_estimator="analytic-future",
+                     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.3)
+    out = _generate(trainer)
+    mask = out["completion_mask"].bool()
+    with torch.no_grad():
+        logits = _full_logits(trainer.model, out)
+        with trainer.model.disable_adapter():
+            ref_logits = _full_logits(trainer.model, out)
+    exact = kl.analytic(logits, ref_logits, mask=mask)
+    assert exact.sum() > 1e-3
+    rewards = torch.tensor(_reward([ids[m].tolist() for ids, m in zip(out["completion_ids"], mask)]))
+    torch.testing.assert_close(out["advantages"], _loo(rewards - BETA * exact.sum(-1)), rtol=1e-5, atol=1e-6)
+    loss, grads = _grads(trainer, out)
+    trainer.model.zero_grad()
+    reference = RLOOTrainer._compute_loss(trainer, trainer.model, out) + BETA * kl.analytic(
+        _full_logits(trainer.model, out), ref_logits, mask=mask).sum(-1).mean()
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    for x, p in zip(grads, (p for p in trainer.model.parameters() if p.grad is not None)):
+        torch.testing.assert_close(x, p.grad, rtol=1e-4, atol=1e-5)  # float32 sums

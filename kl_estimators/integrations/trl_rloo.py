@@ -21,7 +21,9 @@ that advantage, averaged over the sequences. Each estimator goes where it needs 
   policy's and the reference's at generation, the policy's in the loss): no [B, T, V] logits.
   Needs each batch used for one optimiser step (``num_iterations = 1``, ``steps_per_generation =
   gradient_accumulation_steps``: else the reward is a stale policy's), no advantage normalisation
-  (it would rescale the reward part only) and a separate reference model (not PEFT).
+  (it would rescale the reward part only). With PEFT the reference's hidden states come from TRL's
+  adapter-disabled forward and its output layer is the base model's; an adapter on the output layer
+  itself is refused by the log-prob check.
 - Any other estimator goes in the loss only: beta x the sequence sum of
   ``per_token_kl_loss(kl_estimator, ...)``, batch mean, with the rollout (old) policy's per-token
   log-probs as the behaviour policy mu. With ``num_iterations > 1`` the ``-is`` estimators
@@ -47,6 +49,11 @@ from kl_estimators.integrations.trl import KLGRPOTrainer, _backbone
 from kl_estimators.weights import check_weight_clip
 
 REWARD_ESTIMATORS = ("reinforce", "analytic-future")  # those whose score part goes in RLOO's sequence reward
+
+
+def _without_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class KLRLOOTrainer(RLOOTrainer):
@@ -76,13 +83,7 @@ class KLRLOOTrainer(RLOOTrainer):
             if kl_estimator == "analytic-future" and config.normalize_advantages:
                 raise ValueError("kl_estimator='analytic-future' needs normalize_advantages=False: the normalisation "
                                  "would rescale its reward part but not its direct part")
-        if ESTIMATOR_INFO[kl_estimator].needs_logits and kwargs.get("peft_config") is not None:
-            raise ValueError(f"kl_estimator={kl_estimator!r} needs a separate reference model, which PEFT does not have: "
-                             "use 'reinforce' or 'reinforce-future-is'")
         super().__init__(*args, **kwargs)  # without args, TRL's RLOOConfig: beta 0.05, num_iterations 1
-        if ESTIMATOR_INFO[kl_estimator].needs_logits and self.ref_model is None:
-            raise ValueError(f"kl_estimator={kl_estimator!r} needs a separate reference model, which PEFT does not have: "
-                             "use 'reinforce' or 'reinforce-future-is'")
         self.kl_estimator = kl_estimator
         self.kl_weight_clip = weight_clip
         self.kl_chunk_size = chunk_size
@@ -97,7 +98,7 @@ class KLRLOOTrainer(RLOOTrainer):
         hidden: list[torch.Tensor] = []
         handle = None
         if ESTIMATOR_INFO[self.kl_estimator].needs_logits:
-            handle = _backbone(self.accelerator.unwrap_model(model)).register_forward_hook(
+            handle = _backbone(_without_peft(self.accelerator.unwrap_model(model))).register_forward_hook(
                 lambda _module, _inputs, output: hidden.append(output.last_hidden_state[:, -logits_to_keep - 1 : -1])
             )
         try:
@@ -163,7 +164,9 @@ class KLRLOOTrainer(RLOOTrainer):
         logits = ref_logits = None
         if hidden is not None:
             logits = self._linear_logits(model, hidden, ids, logps, mask)
-            ref_logits = self._linear_logits(self.ref_model, inputs["ref_hidden_states"], ids, ref, mask)
+            # PEFT: the reference is this model with its adapter disabled, whose output layer's weight is the base's
+            ref_model = self.ref_model if self.ref_model is not None else model
+            ref_logits = self._linear_logits(ref_model, inputs["ref_hidden_states"], ids, ref, mask)
         estimator = "analytic" if self.kl_estimator == "analytic-future" else self.kl_estimator  # the loss part
         terms = per_token_kl_loss(estimator, logps, ref, mask, logits, ref_logits,
                                   behaviour_logprobs=inputs["old_per_token_logps"],
