@@ -130,7 +130,7 @@ class KLRLOOTrainer(RLOOTrainer):
             (old, _), (ref, ref_hidden) = self._captured
         finally:
             self._captured, self._generating = None, False
-        if self.kl_estimator in REWARD_ESTIMATORS and self.kl_estimator != "analytic-future":
+        if self.kl_estimator == "reinforce":  # TRL's RLOO as it is
             return output
         output["ref_per_token_logps"] = ref
         output["old_per_token_logps"] = old
