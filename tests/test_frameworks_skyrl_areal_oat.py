@@ -18,7 +18,7 @@ import torch
 import kl_estimators as kl
 from kl_estimators.frameworks import FRAMEWORK_VERSIONS
 from tests.helpers.framework_source import installed_file, installed_version, load, run_block
-from tests.test_frameworks_verl_openrlhf import AGG, _assert_same, _inputs
+from tests.helpers.framework_tensors import AGG, assert_same, random_logps
 
 SKYRL_PPO = "skyrl/backends/skyrl_train/utils/ppo_utils.py"
 SKYRL_WORKER = "skyrl/backends/skyrl_train/workers/worker.py"
@@ -52,9 +52,9 @@ def skyrl():
 def test_skyrl_kl_loss(skyrl, name):
     """trainer.algorithm.kl_estimator_type k1 / abs / k2 / k3 (``compute_approx_kl``, the term of both
     use_kl_loss and use_kl_in_reward): the named estimator (k3 clamped as verl's low_var_kl)."""
-    logps, ref, _, mask = _inputs(seed=20 + len(name))
+    logps, ref, _, mask = random_logps(seed=20 + len(name))
     theirs = skyrl["compute_approx_kl"](logps, ref, loss_mask=mask, kl_estimator_type=name)
-    _assert_same(theirs, kl.per_token_kl_loss(SKYRL_NAMES[name], logps, ref, mask), logps, mask)
+    assert_same(theirs, kl.per_token_kl_loss(SKYRL_NAMES[name], logps, ref, mask), logps, mask)
     if name == "k3":  # beyond the clamp: value 10, no gradient
         far = torch.tensor([[-15.0]], dtype=torch.float64, requires_grad=True)
         value = skyrl["compute_approx_kl"](far, torch.tensor([[-1.0]], dtype=torch.float64), kl_estimator_type="k3")
@@ -67,14 +67,14 @@ def test_skyrl_kl_loss_lines(skyrl):
     give the per-sequence token mean of compute_approx_kl(pi, pi_ref), then the batch mean (weights
     1/length), with no old log-probs (no importance weight at any epoch)."""
     masked_mean = load("skyrl/backends/skyrl_train/utils/torch_utils.py", ("masked_mean",))["masked_mean"]
-    logps, ref, _, mask = _inputs(seed=24)
+    logps, ref, _, mask = random_logps(seed=24)
     algorithm = SimpleNamespace(use_kl_loss=True, kl_estimator_type="k3")
     scope = run_block(SKYRL_WORKER, "if self.cfg.algorithm.use_kl_loss:\nkl_loss = compute_approx_kl(", 8, {
         "self": SimpleNamespace(cfg=SimpleNamespace(algorithm=algorithm)), "action_log_probs": logps,
         "base_action_log_probs": ref, "loss_mask": mask.double(), "compute_approx_kl": skyrl["compute_approx_kl"],
         "masked_mean": masked_mean})
     ours = AGG["seq-mean-token-mean"](kl.per_token_kl_loss("k3-loss", logps, ref, mask), mask.double())
-    _assert_same(scope["kl_loss"].reshape(1, 1), ours.reshape(1, 1), logps, torch.ones(1, 1, dtype=torch.bool))
+    assert_same(scope["kl_loss"].reshape(1, 1), ours.reshape(1, 1), logps, torch.ones(1, 1, dtype=torch.bool))
     config = installed_file("skyrl/train/config/config.py").read_text()
     for default in ('kl_estimator_type: str = "k3"', "use_kl_loss: bool = True", "use_kl_in_reward: bool = False",
                     "kl_loss_coef: float = 0.001"):
@@ -90,13 +90,13 @@ def test_skyrl_kl_in_reward(skyrl):
     assert "scores = token_level_rewards.sum(dim=-1)" in installed_file(SKYRL_PPO).read_text()
     assert '"use_kl_in_reward and use_kl_loss should be mutually exclusive"' in installed_file(
         "skyrl/train/utils/utils.py").read_text()
-    logps, ref, _, mask = _inputs(seed=25)
+    logps, ref, _, mask = random_logps(seed=25)
     k = skyrl["compute_approx_kl"](logps.detach(), ref, loss_mask=mask, kl_estimator_type="k1")
     rewards = run_block("skyrl/train/trainer.py", "rewards = rewards - kl * max(0, kl_loss_coef)", 1,
                         {"rewards": torch.zeros_like(k), "kl": k, "kl_loss_coef": 1.0})["rewards"]
     sequence_return = rewards.sum(dim=-1, keepdim=True).expand_as(rewards)
     ours = kl.per_token_kl_loss("reinforce", logps, ref, mask)
-    _assert_same(_surrogate(logps, sequence_return), ours, logps, mask, value=False)
+    assert_same(_surrogate(logps, sequence_return), ours, logps, mask, value=False)
 
 
 # -- AReaL --------------------------------------------------------------------------------------------
@@ -111,8 +111,8 @@ def areal():
 def test_areal_kl_estimator(areal, name, estimator):
     """actor.kl_estimator k1 / k2 / k3 (``KLEstimator``): the named estimator's value (float32,
     clamped to [-10, 10], k1 included); AReaL uses it in the reward only."""
-    logps, ref, _, mask = _inputs(seed=30 + len(name), dtype=torch.float32)
-    _assert_same(areal(name)(logps, ref), kl.per_token_kl_loss(estimator, logps, ref, mask), logps, mask,
+    logps, ref, _, mask = random_logps(seed=30 + len(name), dtype=torch.float32)
+    assert_same(areal(name)(logps, ref), kl.per_token_kl_loss(estimator, logps, ref, mask), logps, mask,
                  rtol=1e-5, atol=1e-6)
     assert areal(name)(torch.tensor([-0.5]), torch.tensor([-30.0])).item() == 10.0  # clamped, k1 included
 
@@ -125,7 +125,7 @@ def test_areal_kl_in_reward(areal, name, estimator):
     position after the completion, outside loss_mask, as in AReaL's layout."""
     source = installed_file("areal/api/cli_args.py").read_text()
     assert "discount: float = field(\n        default=1.0" in source and "gae_lambda: float = field(\n        default=1.0" in source
-    logps, ref, _, mask = _inputs(seed=33, dtype=torch.float32)
+    logps, ref, _, mask = random_logps(seed=33, dtype=torch.float32)
     B, T = logps.shape
     pad = torch.zeros(B, 1)
     loss_mask = torch.cat([mask.float(), pad], 1)
@@ -138,7 +138,7 @@ def test_areal_kl_in_reward(areal, name, estimator):
         "seq_no_eos_mask": torch.zeros(B, dtype=torch.bool), "loss_mask": loss_mask})
     returns = scope["advantages"][:, :T]
     ours = kl.per_token_kl_loss(estimator, logps, ref, mask)
-    _assert_same(_surrogate(logps, returns), ours, logps, mask, rtol=1e-5, atol=1e-6, value=False)
+    assert_same(_surrogate(logps, returns), ours, logps, mask, rtol=1e-5, atol=1e-6, value=False)
 
 
 def test_areal_without_ref_model_rewards_entropy(areal):
@@ -169,7 +169,7 @@ def test_oat_k3_loss(oat_ops, critic_type):
     sequence by masked_mean (1/length: critic_type grpo, ppo) or masked_sum / generate_max_length
     (drgrpo), then the batch mean. The statements run verbatim."""
     assert "beta: float = 0.1" in installed_file("oat/args.py").read_text()
-    logps, ref, _, mask = _inputs(seed=40)
+    logps, ref, _, mask = random_logps(seed=40)
     T = logps.shape[1]
     aggregator = oat_ops["masked_mean"] if critic_type == "grpo" else (
         lambda values, mask, axis: oat_ops["masked_sum"](values, mask, axis, constant_normalizer=T))
@@ -181,7 +181,7 @@ def test_oat_k3_loss(oat_ops, critic_type):
     terms = kl.per_token_kl_loss("k3-loss", logps, ref, mask)
     mode = "seq-mean-token-mean" if critic_type == "grpo" else "seq-mean-token-sum-norm"
     ours = 0.1 * AGG[mode](terms, mask.double())
-    _assert_same(scope["reg_loss"].reshape(1, 1), ours.reshape(1, 1), logps, torch.ones(1, 1, dtype=torch.bool))
+    assert_same(scope["reg_loss"].reshape(1, 1), ours.reshape(1, 1), logps, torch.ones(1, 1, dtype=torch.bool))
 
 
 def test_oat_k1_in_reward():
@@ -189,10 +189,10 @@ def test_oat_k1_in_reward():
     rewards; critic_type grpo / drgrpo sums them per sequence (``compute_monte_carlo_advantages``):
     the surrogate's gradient is ``reinforce``'s. beta and kl_penalty_coef can both be on (KL twice)."""
     assert "kl_penalty_coef: float = field(\n        default=0," in installed_file(OAT_PPO).read_text()
-    logps, ref, _, mask = _inputs(seed=41)
+    logps, ref, _, mask = random_logps(seed=41)
     scope = run_block(OAT_PPO, "kl_rewards = -args.kl_penalty_coef * (logps - ref_logps) * response_masks", 1, {
         "args": SimpleNamespace(kl_penalty_coef=1.0), "logps": logps.detach(), "ref_logps": ref,
         "response_masks": mask.double()})
     rewards = run_block(OAT_PPO, "rewards = rewards.sum(-1)", 1, {"rewards": scope["kl_rewards"]})["rewards"]
     ours = kl.per_token_kl_loss("reinforce", logps, ref, mask)
-    _assert_same(_surrogate(logps, rewards.unsqueeze(-1).expand_as(logps)), ours, logps, mask, value=False)
+    assert_same(_surrogate(logps, rewards.unsqueeze(-1).expand_as(logps)), ours, logps, mask, value=False)

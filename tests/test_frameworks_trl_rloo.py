@@ -9,33 +9,13 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-from datasets import Dataset  # noqa: E402
-from trl import RLOOConfig, RLOOTrainer  # noqa: E402
+from trl import RLOOTrainer  # noqa: E402
 
 import kl_estimators as kl  # noqa: E402
 from kl_estimators.integrations.trl_rloo import KLRLOOTrainer  # noqa: E402
-from tests.helpers.trl_setup import perturb  # noqa: E402
+from tests.helpers.trl_setup import build_rloo as _build, perturb, rloo_reward as _reward  # noqa: E402
 
 BETA, G = 0.1, 4
-
-
-def _reward(completion_ids, **_):
-    return [float(sum(ids) % 7) / 7 for ids in completion_ids]
-
-
-def _build(trainer_class, tiny_lm_path, tiny_tokenizer, tmp_path, prompts=("this movie was", "the plot"), **kwargs):
-    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size", "peft_config")}
-    reward_funcs = kwargs.pop("reward_funcs", _reward)
-    options = dict(output_dir=str(tmp_path / "rloo"), beta=BETA, num_generations=G, per_device_train_batch_size=G,
-                   max_completion_length=4, max_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                   logging_steps=1, disable_tqdm=True, seed=0, bf16=False)
-    options.update(kwargs)
-    trainer = trainer_class(model=tiny_lm_path, reward_funcs=reward_funcs,
-                            args=RLOOConfig(**options), train_dataset=Dataset.from_dict({"prompt": list(prompts) * 4}),
-                            processing_class=tiny_tokenizer, **trainer_kwargs)
-    perturb(trainer.model)  # TRL loads policy and reference from the same weights
-    trainer.model.train()
-    return trainer
 
 
 def _generate(trainer, prompts=("this movie was",), seed=0):

@@ -23,7 +23,7 @@ import torch
 pytest.importorskip("trl")
 
 from kl_estimators.integrations.trl_rloo import KLRLOOTrainer  # noqa: E402
-from tests.test_frameworks_trl_rloo import _build  # noqa: E402
+from tests.helpers.trl_setup import build_rloo as _build  # noqa: E402
 
 REWARDED = tuple(range(10, 20))
 PROMPT = "this movie was"

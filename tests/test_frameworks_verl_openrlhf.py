@@ -15,30 +15,10 @@ import torch
 import kl_estimators as kl
 from kl_estimators.frameworks import FRAMEWORK_VERSIONS
 from tests.helpers.framework_source import installed_file, installed_version, load
+from tests.helpers.framework_tensors import AGG, assert_same, random_logps
 
 VERL_CORE = "verl/trainer/ppo/core_algos.py"
 OPENRLHF_UTILS = "openrlhf/models/utils.py"
-
-
-def _inputs(seed: int, B: int = 4, T: int = 5, dtype=torch.float64, spread: float = 2.0):
-    g = torch.Generator().manual_seed(seed)
-    logps = (-spread * torch.rand(B, T, generator=g, dtype=dtype)).requires_grad_(True)
-    ref = -spread * torch.rand(B, T, generator=g, dtype=dtype)
-    old = logps.detach() + 0.6 * (torch.rand(B, T, generator=g, dtype=dtype) - 0.5)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    mask = torch.arange(T) < lengths.unsqueeze(1)
-    return logps, ref, old, mask
-
-
-def _assert_same(theirs, ours, logps, mask, rtol=1e-12, atol=1e-12, value=True, gradient=True):
-    """Equal per-token values (where mask) and equal gradients of the masked sums."""
-    if value:
-        torch.testing.assert_close(theirs[mask].double(), ours[mask].double(), rtol=rtol, atol=atol)
-    if not gradient:
-        return
-    (g_theirs,) = torch.autograd.grad((theirs * mask).sum(), logps)
-    (g_ours,) = torch.autograd.grad((ours * mask).sum(), logps)
-    torch.testing.assert_close(g_theirs.double(), g_ours.double(), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("package", ("verl", "openrlhf"))
@@ -64,17 +44,17 @@ def test_verl_kl_penalty(verl, name):
     """``kl_penalty(logprob, ref_logprob, name)``, the term ``ppo_loss`` adds with use_kl_loss
     (kl_loss_type) and ``apply_kl_penalty`` puts in the reward (kl_penalty): the named estimator
     (inside verl's clamps; "+" = value of the base estimator, gradient of k2, since v0.8.0)."""
-    logps, ref, _, mask = _inputs(seed=len(name))
+    logps, ref, _, mask = random_logps(seed=len(name))
     ours = kl.per_token_kl_loss(VERL_NAMES[name], logps, ref, mask)
-    _assert_same(verl["kl_penalty"](logps, ref, name), ours, logps, mask)
+    assert_same(verl["kl_penalty"](logps, ref, name), ours, logps, mask)
 
 
 def test_verl_abs_plus(verl):
     """"abs+": value |k1| (abs-loss), gradient of k2 (k2-loss): no estimator of its own here."""
-    logps, ref, _, mask = _inputs(seed=7)
+    logps, ref, _, mask = random_logps(seed=7)
     theirs = verl["kl_penalty"](logps, ref, "abs+")
-    _assert_same(theirs, kl.per_token_kl_loss("abs-loss", logps, ref, mask), logps, mask, gradient=False)
-    _assert_same(theirs, kl.per_token_kl_loss("k2-loss", logps, ref, mask), logps, mask, value=False)
+    assert_same(theirs, kl.per_token_kl_loss("abs-loss", logps, ref, mask), logps, mask, gradient=False)
+    assert_same(theirs, kl.per_token_kl_loss("k2-loss", logps, ref, mask), logps, mask, value=False)
 
 
 def test_verl_k3_clamps(verl):
@@ -89,7 +69,7 @@ def test_verl_k3_clamps(verl):
 
 def test_verl_full_raises(verl):
     """kl_loss_type="full" (the exact KL) is not implemented in verl."""
-    logps, ref, _, _ = _inputs(seed=0)
+    logps, ref, _, _ = random_logps(seed=0)
     with pytest.raises(NotImplementedError):
         verl["kl_penalty"](logps, ref, "full")
 
@@ -100,22 +80,13 @@ def verl_agg():
     return load(VERL_CORE, ("agg_loss",), {"verl_F": types.SimpleNamespace(masked_sum=functional["masked_sum"])})["agg_loss"]
 
 
-AGG = {
-    "token-mean": lambda x, m: (x * m).sum() / m.sum(),
-    "token-sum": lambda x, m: (x * m).sum(),
-    "seq-mean-token-sum": lambda x, m: (x * m).sum(-1).mean(),
-    "seq-mean-token-sum-norm": lambda x, m: (x * m).sum(-1).mean() / m.shape[-1],
-    "seq-mean-token-mean": lambda x, m: ((x * m).sum(-1) / m.sum(-1)).mean(),
-}
-
-
 @pytest.mark.parametrize("mode", sorted(AGG))
 def test_verl_loss_agg_mode(verl_agg, mode):
     """``agg_loss`` (one process, no global batch info): token-mean divides by the batch's token
     count, seq-mean-token-mean each sequence by its own length (weights 1/length)."""
-    logps, ref, _, mask = _inputs(seed=11)
+    logps, ref, _, mask = random_logps(seed=11)
     terms = lambda: kl.per_token_kl_loss("k3-loss", logps, ref, mask)  # noqa: E731  (one graph per side)
-    _assert_same(verl_agg(loss_mat=terms(), loss_mask=mask, loss_agg_mode=mode).reshape(1, 1),
+    assert_same(verl_agg(loss_mat=terms(), loss_mask=mask, loss_agg_mode=mode).reshape(1, 1),
                  AGG[mode](terms(), mask.double()).reshape(1, 1), logps, torch.ones(1, 1, dtype=torch.bool),
                  rtol=1e-7)  # seq-mean-token-mean divides by (length + 1e-8)
 
@@ -141,9 +112,9 @@ def openrlhf():
 def test_openrlhf_kl_loss(openrlhf, name, estimator):
     """--algo.kl.use_loss with --algo.kl.estimator k1/k2/k3: ``compute_approx_kl`` is the named
     estimator (float32, value clamped to [-10, 10]), no importance weight."""
-    logps, ref, _, mask = _inputs(seed=3, dtype=torch.float32)
+    logps, ref, _, mask = random_logps(seed=3, dtype=torch.float32)
     theirs = openrlhf["compute_approx_kl"](logps, ref, kl_estimator=name)
-    _assert_same(theirs, kl.per_token_kl_loss(estimator, logps, ref, mask), logps, mask, rtol=1e-5, atol=1e-6)
+    assert_same(theirs, kl.per_token_kl_loss(estimator, logps, ref, mask), logps, mask, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ("k1", "k2", "k3"))
@@ -151,12 +122,12 @@ def test_openrlhf_unbiased_gradient(openrlhf, name):
     """--algo.kl.unbiased_gradient: value of the chosen estimator, gradient sg(min(w, 10)) grad k2
     with w = pi/pi_old: the gradient of k3+is with weight_clip=KL_IS_WEIGHT_CLIP (= 10)."""
     assert openrlhf["KL_IS_WEIGHT_CLIP"] == 10.0
-    logps, ref, old, mask = _inputs(seed=4, dtype=torch.float32)
+    logps, ref, old, mask = random_logps(seed=4, dtype=torch.float32)
     old = old.clone()
     old[0, 0] = logps[0, 0].detach() - 3.0  # w = e^3 > 10: the clip is active there
     theirs = openrlhf["compute_approx_kl"](logps, ref, log_probs_old=old, kl_estimator=name, unbiased_gradient=True)
     ours = kl.per_token_kl_loss("k3+is", logps, ref, mask, behaviour_logprobs=old, weight_clip=10.0)
-    _assert_same(theirs, ours, logps, mask, rtol=1e-5, atol=1e-6, value=False)
+    assert_same(theirs, ours, logps, mask, rtol=1e-5, atol=1e-6, value=False)
     value = kl.per_token_kl_loss(f"{name}-loss", logps, ref, mask)
     torch.testing.assert_close(theirs[mask], value[mask].detach(), rtol=1e-5, atol=1e-6)
 
@@ -166,13 +137,13 @@ def test_openrlhf_kl_in_reward(openrlhf, name, estimator):
     """Without use_loss: ``compute_reward`` puts -kl_coef x k_t at every token (task reward at the
     last): with gamma = 1 the policy-gradient surrogate sum_t score_t x sum_{t'>=t} (-r_t') has the
     gradient of ``estimator`` (reward-to-go of k_t at the rollout policy)."""
-    logps, ref, _, mask = _inputs(seed=5, dtype=torch.float32)
+    logps, ref, _, mask = random_logps(seed=5, dtype=torch.float32)
     k = openrlhf["compute_approx_kl"](logps.detach(), ref, kl_estimator=name)
     rewards = openrlhf["compute_reward"](torch.zeros(logps.shape[0]), 1.0, k, action_mask=mask)
     returns = (rewards * mask).flip(-1).cumsum(-1).flip(-1)
     surrogate = -(logps - logps.detach()) * returns  # REINFORCE with the return-to-go, gamma = 1
     ours = kl.per_token_kl_loss(estimator, logps, ref, mask)
-    _assert_same(surrogate, ours, logps, mask, rtol=1e-5, atol=1e-6, value=False)
+    assert_same(surrogate, ours, logps, mask, rtol=1e-5, atol=1e-6, value=False)
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +154,9 @@ def openrlhf_aggregate(openrlhf):
 @pytest.mark.parametrize(("token_level", "mode"), ((True, "token-mean"), (False, "seq-mean-token-mean")))
 def test_openrlhf_loss_agg_mode(openrlhf_aggregate, token_level, mode):
     """--actor.loss_agg_mode token-mean / seq-mean-token-mean (``aggregate_loss``), applied to the KL loss too."""
-    logps, ref, _, mask = _inputs(seed=12)
+    logps, ref, _, mask = random_logps(seed=12)
     terms = lambda: kl.per_token_kl_loss("k3-loss", logps, ref, mask)  # noqa: E731  (one graph per side)
-    _assert_same(openrlhf_aggregate(terms(), mask.double(), token_level_loss=token_level).reshape(1, 1),
+    assert_same(openrlhf_aggregate(terms(), mask.double(), token_level_loss=token_level).reshape(1, 1),
                  AGG[mode](terms(), mask.double()).reshape(1, 1), logps, torch.ones(1, 1, dtype=torch.bool),
                  rtol=1e-7)  # seq-mean-token-mean divides by (length + 1e-8)
 

@@ -24,7 +24,7 @@ from typing import Any, Optional, Tuple, Union
 import pytest
 import torch
 
-FRAMEWORKS = Path(os.environ.get("KL_FRAMEWORKS_DIR", Path(__file__).resolve().parents[1] / ".venv" / "frameworks"))
+FRAMEWORKS = Path(os.environ.get("KL_FRAMEWORKS_DIR", Path(__file__).resolve().parents[2] / ".venv" / "frameworks"))
 
 
 def installed_file(relative: str) -> Path:

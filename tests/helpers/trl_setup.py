@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig
 
 
 def grpo_config(tmp_path, **overrides) -> GRPOConfig:
@@ -62,3 +62,24 @@ def perturb(model: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> None:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def rloo_reward(completion_ids, **_):
+    """A deterministic reward of the completion's token ids, in [0, 1)."""
+    return [float(sum(ids) % 7) / 7 for ids in completion_ids]
+
+
+def build_rloo(trainer_class, tiny_lm_path, tiny_tokenizer, tmp_path, prompts=("this movie was", "the plot"), **kwargs):
+    """``trainer_class`` (RLOOTrainer or KLRLOOTrainer) on the tiny model, beta 0.1, groups of 4, its reference perturbed."""
+    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size", "peft_config")}
+    reward_funcs = kwargs.pop("reward_funcs", rloo_reward)
+    options = dict(output_dir=str(tmp_path / "rloo"), beta=0.1, num_generations=4, per_device_train_batch_size=4,
+                   max_completion_length=4, max_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                   logging_steps=1, disable_tqdm=True, seed=0, bf16=False)
+    options.update(kwargs)
+    trainer = trainer_class(model=tiny_lm_path, reward_funcs=reward_funcs,
+                            args=RLOOConfig(**options), train_dataset=Dataset.from_dict({"prompt": list(prompts) * 4}),
+                            processing_class=tiny_tokenizer, **trainer_kwargs)
+    perturb(trainer.model)  # TRL loads policy and reference from the same weights
+    trainer.model.train()
+    return trainer
