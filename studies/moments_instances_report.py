@@ -14,16 +14,13 @@ quantiles over the problems (``med [q10, q90]``), or the share of problems where
 - **Crossover.** A biased b beats the problem's lowest-variance unbiased u exactly for
   n < n* = (trace_u - trace_b) / |bias_b|^2 (0 if trace_b >= trace_u).
 
-``python -m studies.moments_instances_report --claims`` prints every headline number that
-docs/variance.md states (``claims()``) with the quantity it is; the findings' sentences are
-generated from the same numbers (``findings()``), so the page cannot drift from the results.
+The headline numbers that docs/variance.md states come from these functions through
+``studies.moments_claims`` (``python -m studies.moments_claims`` prints them all).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
@@ -229,10 +226,12 @@ QUANTITIES = {
 }
 
 
-def point_median(folder: Path, key: tuple, quantity: str) -> float:
-    """Median of ``QUANTITIES[quantity]`` over the non-degenerate problems of sweep point ``key``."""
+def point_median(folder: Path, key: tuple, quantity) -> float:
+    """Median over the non-degenerate problems of sweep point ``key`` of ``quantity``: a name of
+    ``QUANTITIES`` or a function of one problem."""
+    f = QUANTITIES[quantity] if isinstance(quantity, str) else quantity
     kept, _ = split(groups(folder).get(key, []))
-    return quantiles(QUANTITIES[quantity](p) for p in kept)[0] if kept else float("nan")
+    return quantiles(f(p) for p in kept)[0] if kept else float("nan")
 
 
 def drivers(folder: Path = RESULTS) -> dict[str, dict[str, float]]:
@@ -381,18 +380,3 @@ def write_report(folder: Path = RESULTS) -> None:
         "## Recommendation", recommendation_table(folder),
     ]  # fmt: skip
     (folder / "table.md").write_text("\n\n".join(sections) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.moments_instances_report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--claims", action="store_true", help="print every headline number of docs/variance.md")
-    options = parser.parse_args(argv)
-    if options.claims:
-        print(json.dumps(claims(), indent=1))
-    else:
-        write_report()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
