@@ -321,6 +321,32 @@ def clip_table(folder: Path = RESULTS) -> str:
     return "\n".join(rows)
 
 
+def off_policy_table(folder: Path = RESULTS) -> str:
+    """Every unclipped estimator (and importance-weighted variant) along the staleness s of mu_s:
+    median |bias|^2 / |grad KL|^2 and median trace over the problems."""
+    from studies.moments_instances import CLIP_STALENESS
+
+    g = groups(folder)
+    points = {s: split(g[("clip", 3, 3, None, s)])[0] for s in CLIP_STALENESS}
+    names = _order(_unclipped(points[CLIP_STALENESS[0]][0]))
+    kl = ", ".join(f"s={s:g}: {_fmt(quantiles(p['kl_mu_pi'] for p in points[s])[0])}" for s in CLIP_STALENESS)
+    rows = [
+        f"Each cell: median |bias|^2 / |grad KL|^2 / median trace Cov[g] over the problems (V = T = 3, beta = 0.3; "
+        f"median KL(mu || pi) {kl} nats).",
+        "",
+        "| estimator | " + " | ".join(f"s={s:g}" for s in CLIP_STALENESS) + " |",
+        "|---|" + "---|" * len(CLIP_STALENESS),
+    ]
+    for name in names:
+        cells = [
+            f"{_fmt(quantiles(p['estimators'][name][0] / p['grad_kl_sq'] for p in points[s])[0])} / "
+            f"{_fmt(quantiles(trace(p, name) for p in points[s])[0])}"
+            for s in CLIP_STALENESS
+        ]
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 REGIMES = (
     ("on-policy", ("beta", 3, 3, 0.3, None)),
     ("mu_0.2", ("clip", 3, 3, None, 0.2)),
@@ -376,6 +402,7 @@ def write_report(folder: Path = RESULTS) -> None:
         "## On-policy, per problem", on_policy_table(folder),
         "## At fixed KL(pi* || pi_ref)", fixed_kl_table(folder),
         "## What drives each effect", drivers_table(folder),
+        "## Off-policy, every estimator", off_policy_table(folder),
         "## weight_clip over (s, n)", clip_table(folder),
         "## Recommendation", recommendation_table(folder),
     ]  # fmt: skip
