@@ -70,6 +70,7 @@ def test_qualitative_findings_match_their_shares():
     assert d["trace af / rf"]["log_kl"] > max(abs(d["trace af / rf"]["T"]), abs(d["trace af / rf"]["V"]))  # "set by the KL more than by T or V"
     n_star = d["analytic's crossover n*"]
     assert min(n_star["T"], n_star["V"]) > abs(n_star["log_kl"])  # "grows with the problem's size, not the KL"
+    assert value("k2_vs_analytic")["largest_relative_bias_gap"] < 1e-9 < value("k2_vs_analytic")["smallest_trace_ratio"] - 1  # "above analytic's"
     clip = value("clip_offline")
     for name in ("reinforce-future-is", "analytic-future-is"):  # "helps small batches ... hurts large ones"
         assert clip[f"{name}, n=4"]["median_ratio"] < 1 < clip[f"{name}, n=256"]["median_ratio"]
