@@ -1,0 +1,101 @@
+"""``studies.lm_variance_exact``: the running-sum statistics are the dense ones, and unbiased.
+
+A tabular policy is an LM whose final hidden state is the one-hot of the prefix's table row: its
+output-layer gradient sum_t delta_t h_t^T is the per-sequence gradient of the logit table. So the
+exact moments of ``studies.moments_exact`` are the truth, and averaging the n = 2 statistics over
+every ordered pair of sequences, weighted q(y_1) q(y_2), is their expectation under i.i.d.
+sampling, exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import kl_estimators
+from studies.lm_variance_exact import ExactSums, classes
+from studies.moments import Cell, problem
+from studies.moments_exact import exact_moments
+
+LABELS = ["reinforce-future", "analytic-future", "analytic", "k2-loss", "k3-loss"]
+
+
+def tabular_inputs(prob, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta [N, T, V], one-hot hidden [N, T, rows]) for every sequence of ``prob``."""
+    tokens = prob.space.sequences
+    rows = prob.space.rows(tokens)
+    logits = prob.table.detach()[rows].requires_grad_()
+    logp = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    ref_logp = prob.ref_table.log_softmax(-1)[rows].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    name = label.split("[")[0]
+    terms = kl_estimators.per_token_kl_loss(name, logp, ref_logp, torch.ones_like(tokens, dtype=torch.bool), logits, prob.ref_table[rows])
+    (delta,) = torch.autograd.grad(terms.sum(), logits)
+    hidden = torch.nn.functional.one_hot(rows, prob.space.n_rows).double()
+    return delta, hidden
+
+
+@pytest.fixture(scope="module")
+def tabular():
+    prob = problem(Cell("x", 2, 3, 0.5, 0))
+    inputs = {label: tabular_inputs(prob, label) for label in LABELS}
+    return prob, inputs
+
+
+def test_running_sums_are_the_dense_statistics(tabular):
+    prob, inputs = tabular
+    hidden = inputs[LABELS[0]][1]
+    sums = ExactSums(LABELS, "on")
+    for chunk in (slice(0, 3), slice(3, 8)):  # chunks add up
+        sums.add({k: d[chunk] for k, (d, _) in inputs.items()}, hidden[chunk])
+    stats = sums.statistics(n_boot=20)["estimators"]
+    for label in LABELS:
+        g = torch.einsum("btv,btd->bvd", inputs[label][0], hidden).flatten(1)
+        assert stats[label]["second_moment"] == pytest.approx(float((g**2).sum(-1).mean()), rel=1e-12)
+    g = torch.einsum("btv,btd->bvd", inputs["analytic-future"][0], hidden).flatten(1)
+    n = len(g)
+    u_stat = (float((g.sum(0) ** 2).sum()) - float((g**2).sum())) / (n * (n - 1))
+    assert stats["reinforce-future"]["mean_sq"] == pytest.approx(u_stat, rel=1e-12)  # pooled: one class
+    assert stats["k2-loss"]["class"] == stats["analytic"]["class"] == "direct"
+
+
+def test_n2_statistics_are_unbiased_over_every_pair(tabular):
+    """E over i.i.d. pairs of the n = 2 statistics = the exact trace, |E g|^2 and |bias|^2."""
+    prob, inputs = tabular
+    q = prob.sampler_probs()
+    hidden = inputs[LABELS[0]][1]
+    totals: dict[str, dict[str, float]] = {label: {"trace": 0.0, "bias_sq": 0.0, "mean_sq": 0.0} for label in LABELS}
+    for i, j in itertools.product(range(len(q)), repeat=2):
+        sums = ExactSums(LABELS, "on")
+        sums.add({k: d[[i, j]] for k, (d, _) in inputs.items()}, hidden[[i, j]])
+        stats = sums.statistics(n_boot=1)["estimators"]
+        for label in LABELS:
+            for key in totals[label]:
+                totals[label][key] += float(q[i] * q[j]) * stats[label][key]
+    grad_kl = prob.grad_kl()
+    for label in LABELS:
+        exact = exact_moments(prob, label)
+        assert totals[label]["trace"] == pytest.approx(exact.trace, rel=1e-9), label
+        assert totals[label]["mean_sq"] == pytest.approx(float((exact.mean**2).sum()), rel=1e-9), label
+        expected_bias = float(((exact.mean - grad_kl) ** 2).sum())
+        assert totals[label]["bias_sq"] == pytest.approx(expected_bias, rel=1e-9, abs=1e-14), label
+
+
+def test_classes_pool_equal_expectations_only():
+    on = classes(["reinforce", "analytic-future", "analytic", "k3+is", "k1-loss"], "on")
+    assert on["reinforce"] == on["analytic-future"] == "grad_kl" and on["analytic"] == on["k3+is"] == "direct"
+    off = classes(["reinforce-future-is", "reinforce-future", "analytic-future[importance=sequence]", "reinforce-future[importance=token]"], "off")
+    assert off["reinforce-future-is"] == off["analytic-future[importance=sequence]"] == "grad_kl"
+    assert off["reinforce-future"] == "reinforce-future" and off["reinforce-future[importance=token]"] == "reinforce-future[importance=token]"
+    with pytest.raises(ValueError, match="no unbiased estimator"):
+        ExactSums(["analytic", "k2-loss"], "on")
+
+
+def test_trace_ratio_interval_contains_its_estimate(tabular):
+    prob, inputs = tabular
+    sums = ExactSums(LABELS, "on")
+    sums.add({k: d for k, (d, _) in inputs.items()}, inputs[LABELS[0]][1])
+    stats = sums.statistics(n_boot=200)["estimators"]["reinforce-future"]
+    lo, hi = stats["trace_ratio_ci"]
+    assert lo <= stats["trace_ratio_to_reference"] <= hi
