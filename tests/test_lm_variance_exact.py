@@ -99,3 +99,46 @@ def test_trace_ratio_interval_contains_its_estimate(tabular):
     stats = sums.statistics(n_boot=200)["estimators"]["reinforce-future"]
     lo, hi = stats["trace_ratio_ci"]
     assert lo <= stats["trace_ratio_to_reference"] <= hi
+
+
+def test_command_measures_tiny_policies_exactly_and_resumes(tiny_lm_path, tmp_path, monkeypatch, capsys):
+    """The command on the tiny model (pi = mu = pi_ref): every estimator but k1-loss is exactly 0,
+    and a rerun measures nothing."""
+    import json
+
+    import studies.lm_variance as lmv
+    from lmgym.assets import load_causal_lm
+    from studies.lm_variance_exact_run import main
+
+    root = tmp_path / "runs"
+    for folder in ("policy", "behaviour"):
+        model, tokenizer = load_causal_lm(tiny_lm_path)
+        model.save_pretrained(root / "k1-b0.3" / folder)
+        tokenizer.save_pretrained(root / "k1-b0.3" / folder)
+    monkeypatch.setattr(lmv, "REFERENCE", tiny_lm_path)
+    monkeypatch.setattr(lmv, "NEW_TOKENS", 3)
+    argv = ["--root", str(root), "--out", str(tmp_path / "out"), "--betas", "0.3", "--sequences", "4", "--chunk", "2"]
+    assert main(argv) == 0
+    for regime in ("on", "off"):
+        record = json.loads((tmp_path / "out" / f"k1-b0.3-{regime}.json").read_text())
+        assert record["n_sequences"] == 4
+        nonzero = {k for k, v in record["estimators"].items() if v["second_moment"] > 1e-10}
+        assert nonzero == {"k1-loss"}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "sequences in" not in capsys.readouterr().out
+    assert main(["--root", str(tmp_path / "nowhere")]) == 2
+
+
+def test_pair_inner_is_the_lm_variance_studys_exact_norm():
+    import studies.lm_variance as lmv
+    from studies.lm_variance_exact import pair_inner
+
+    gen = torch.Generator().manual_seed(0)
+    delta, hidden = torch.randn(3, 4, 11, generator=gen), torch.randn(3, 4, 5, generator=gen)
+    c, a = torch.randn(2, 11, generator=gen), torch.randn(2, 5, generator=gen)
+    torch.testing.assert_close(pair_inner(delta, delta, hidden), lmv.output_layer_statistics(delta, hidden, c, a)[1])
+    dense = torch.einsum("btv,btd->bvd", delta.double(), hidden.double())
+    other = torch.randn(3, 4, 11, generator=gen)
+    dense_other = torch.einsum("btv,btd->bvd", other.double(), hidden.double())
+    torch.testing.assert_close(pair_inner(delta, other, hidden), (dense * dense_other).sum((1, 2)))
