@@ -142,3 +142,29 @@ def test_pair_inner_is_the_lm_variance_studys_exact_norm():
     other = torch.randn(3, 4, 11, generator=gen)
     dense_other = torch.einsum("btv,btd->bvd", other.double(), hidden.double())
     torch.testing.assert_close(pair_inner(delta, other, hidden), (dense * dense_other).sum((1, 2)))
+
+
+def test_policies_export_several_staleness_levels_and_seeds(tmp_path, monkeypatch, capsys):
+    """--stale 1,5 --seed 1: trains to ITERS - 5, exports, to ITERS - 1, exports, then finishes,
+    with --seed 1 into k1-b<beta>-seed1; a finished run refuses a new staleness level."""
+    from studies import lm_variance_policies as policies
+
+    calls = []
+
+    def fake_run(cmd, out):
+        calls.append(cmd)
+        (out / policies.POLICY).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(policies, "_run", fake_run)
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    argv = ["--config", str(config), "--root", str(tmp_path / "runs"), "--betas", "0.1", "--seed", "1", "--stale", "1,5"]
+    assert policies.main(argv) == 0
+    out = tmp_path / "runs" / "k1-b0.1-seed1"
+    assert [(c[c.index("--iters") + 1], c[c.index("--seed") + 1]) for c in calls] == [
+        (str(policies.ITERS - 5), "1"), (str(policies.ITERS - 1), "1"), (str(policies.ITERS), "1")
+    ]
+    assert (out / "behaviour").is_dir() and (out / "behaviour-5").is_dir() and (out / "done").is_file()
+    assert policies.main([*argv[:-1], "1,3"]) == 2
+    assert "cannot export" in capsys.readouterr().err
+    assert policies.main([*argv[:-1], "0"]) == 2
