@@ -12,7 +12,7 @@ import pytest
 from studies.moments import Cell, problem
 from studies.moments_exact import exact_moments
 from studies.moments_instances import beta_for_kl, compute, kl_optimum_ref, main, moments, points
-from studies.moments_instances_report import RESULTS, crossover, groups, lowest, split
+from studies.moments_instances_report import RESULTS, crossover, groups, lowest, report_text, split
 from studies.tabular_model import make_instance
 
 
@@ -97,3 +97,7 @@ def test_degenerate_problems_are_flagged_not_kept():
     kept, flagged = split([{"grad_kl_sq": 1e-7}, {"grad_kl_sq": 0.1}])
     assert flagged == 1 and [p["grad_kl_sq"] for p in kept] == [0.1]
     assert not math.isnan(kept[0]["grad_kl_sq"])
+
+
+def test_committed_report_is_the_report_of_the_committed_cells():
+    assert (RESULTS / "table.md").read_text() == report_text(RESULTS)
