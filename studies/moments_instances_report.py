@@ -294,8 +294,8 @@ def clip_effect(problems: list[dict], name: str, c: float, n: int) -> tuple[floa
 
 def clip_table(folder: Path = RESULTS) -> str:
     """weight_clip = c over (s, n): median MSE ratio clipped / unclipped and the share it helps."""
-    from studies.moments_instances import CLIP_RUNS, CLIP_STALENESS
     from studies.moments import label
+    from studies.moments_instances import CLIP_RUNS, CLIP_STALENESS
 
     g = groups(folder)
     columns = [(s, n) for s in CLIP_STALENESS for n in CLIP_BATCHES]

@@ -21,9 +21,9 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
+from tabular import Tabular, make_tabular, tabulars
 
 from kl_estimators import per_token_kl_loss
-from tabular import Tabular, make_tabular, tabulars
 
 EXACT = dict(rtol=1e-9, atol=1e-10)
 CASES = [dict(vocab=3, length=3, seed=seed, behaviour="random") for seed in range(4)]

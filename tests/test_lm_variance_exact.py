@@ -44,7 +44,7 @@ def tabular():
 
 
 def test_running_sums_are_the_dense_statistics(tabular):
-    prob, inputs = tabular
+    _, inputs = tabular
     hidden = inputs[LABELS[0]][1]
     sums = ExactSums(LABELS, "on")
     for chunk in (slice(0, 3), slice(3, 8)):  # chunks add up
@@ -93,7 +93,7 @@ def test_classes_pool_equal_expectations_only():
 
 
 def test_trace_ratio_interval_contains_its_estimate(tabular):
-    prob, inputs = tabular
+    _, inputs = tabular
     sums = ExactSums(LABELS, "on")
     sums.add({k: d for k, (d, _) in inputs.items()}, inputs[LABELS[0]][1])
     stats = sums.statistics(n_boot=200)["estimators"]["reinforce-future"]

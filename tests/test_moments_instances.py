@@ -11,8 +11,22 @@ import pytest
 
 from studies.moments import Cell, problem
 from studies.moments_exact import exact_moments
-from studies.moments_instances import beta_for_kl, compute, kl_optimum_ref, main, moments, points
-from studies.moments_instances_report import RESULTS, crossover, groups, lowest, report_text, split
+from studies.moments_instances import (
+    beta_for_kl,
+    compute,
+    kl_optimum_ref,
+    main,
+    moments,
+    points,
+)
+from studies.moments_instances_report import (
+    RESULTS,
+    crossover,
+    groups,
+    lowest,
+    report_text,
+    split,
+)
 from studies.tabular_model import make_instance
 
 
@@ -88,7 +102,7 @@ def test_lowest_breaks_ties_in_estimator_order_and_crossover_is_the_mse_crossing
     }
     n_star = crossover(problem, "analytic")
     assert n_star == pytest.approx(80.0)
-    mse = lambda name, n: problem["estimators"][name][0] + problem["estimators"][name][1] / n  # noqa: E731
+    mse = lambda name, n: problem["estimators"][name][0] + problem["estimators"][name][1] / n
     assert mse("analytic", n_star * 0.99) < mse("analytic-future", n_star * 0.99)
     assert mse("analytic", n_star * 1.01) > mse("analytic-future", n_star * 1.01)
 
