@@ -84,7 +84,7 @@ _ENTRIES = (
           "biased: E_mu[(sum_t score_t)(sum_t k1_t)], no ratio pi/mu; importance='sequence' makes it unbiased",
           (True, False), "sequence-level k1 in the reward (TRL RLOOTrainer)"),
     _info("reinforce-future", "sg(k1_t) + score_t sg(sum_{t'>=t} k1_t')", _IGNORES_MU, "grad_kl", None,
-          "grad KL (unbiased), lower variance than reinforce",
+          "grad KL (unbiased); lower variance than reinforce in most problems measured, not all (docs/variance.md)",
           "biased: returns-to-go under mu without ratios",
           (True, False), "per-token k1 in the reward with returns-to-go (PPO with gamma = lambda = 1)"),
     _info("reinforce-future-is", "sg(W_t k1_t) + score_t sg(sum_{t'>=t} W_t' k1_t')", "prefix ratios W_t", "grad_kl", "grad_kl",

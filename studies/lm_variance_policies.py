@@ -7,6 +7,11 @@ trains ``ITERS - 1`` iterations, its exported policy is copied to ``<run>/behavi
 behaviour policy mu of the off-policy measurement: pi one iteration, two Adam updates, earlier),
 then it resumes to ``ITERS`` iterations, leaving ``<run>/policy``; the checkpoint is then deleted. Resumable: a finished step is
 skipped. The commands are printed and appended to ``<run>/commands.txt``.
+
+``--stale 1,5`` also exports the policy 5 iterations back (``<run>/behaviour-5``; 1 back stays
+``behaviour``), and ``--seed 1`` trains another seed into ``k1-b<beta>-seed1``: the staleness levels
+and training seeds ``studies.lm_variance_exact_run`` measures. A finished run cannot go back to
+export an earlier iteration: that is refused (train into a new ``--root``).
 """
 from __future__ import annotations
 
@@ -24,13 +29,18 @@ ITERS = 20
 BEHAVIOUR = "behaviour"
 
 
-def run_dir(root: Path, beta: float) -> Path:
-    return root / f"k1-b{beta:g}"
+def run_dir(root: Path, beta: float, seed: int = 0) -> Path:
+    return root / (f"k1-b{beta:g}" + (f"-seed{seed}" if seed else ""))
 
 
-def command(config: Path, beta: float, out: Path, iters: int, resume: bool) -> list[str]:
+def behaviour_name(back: int) -> str:
+    """The export folder of the policy ``back`` iterations before the last."""
+    return BEHAVIOUR if back == 1 else f"{BEHAVIOUR}-{back}"
+
+
+def command(config: Path, beta: float, out: Path, iters: int, resume: bool, seed: int = 0) -> list[str]:
     """The ``agents.ppo_kl`` command line of one training step."""
-    flags = ["--config", str(config), "--kl-reward", "k1", "--no-analytic-grad", "--kl-coef", str(beta), "--seed", "0"]
+    flags = ["--config", str(config), "--kl-reward", "k1", "--no-analytic-grad", "--kl-coef", str(beta), "--seed", str(seed)]
     return [sys.executable, "-m", "agents.ppo_kl", *flags, "--out", str(out), "--iters", str(iters), *(["--resume"] if resume else [])]
 
 
@@ -44,14 +54,19 @@ def _run(cmd: list[str], out: Path) -> None:
         subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
-def train_policy(config: Path, beta: float, root: Path) -> Path:
-    """Train (or finish) the policy at ``beta``; its run folder, holding ``policy`` and ``behaviour``."""
-    out = run_dir(root, beta)
-    if not (out / BEHAVIOUR).is_dir():
-        _run(command(config, beta, out, ITERS - 1, resume=(out / CHECKPOINT).is_file()), out)
-        shutil.copytree(out / POLICY, out / BEHAVIOUR)
+def train_policy(config: Path, beta: float, root: Path, seed: int = 0, stale: tuple[int, ...] = (1,)) -> Path:
+    """Train (or finish) the policy at ``beta``; its run folder, holding ``policy`` and one
+    ``behaviour_name(k)`` export per k in ``stale`` (iterations before the last)."""
+    out = run_dir(root, beta, seed)
+    missing = [k for k in stale if not (out / behaviour_name(k)).is_dir()]
+    if missing and (out / "done").is_file():
+        raise ValueError(f"{out} is finished; it cannot export the policy {missing[0]} iterations back (use a new --root)")
+    for back in sorted(stale, reverse=True):
+        if not (out / behaviour_name(back)).is_dir():
+            _run(command(config, beta, out, ITERS - back, resume=(out / CHECKPOINT).is_file(), seed=seed), out)
+            shutil.copytree(out / POLICY, out / behaviour_name(back))
     if not (out / "done").is_file():
-        _run(command(config, beta, out, ITERS, resume=True), out)
+        _run(command(config, beta, out, ITERS, resume=True, seed=seed), out)
         (out / "done").write_text("ok\n")
     (out / CHECKPOINT).unlink(missing_ok=True)  # 1.6 GB with the Adam state; the exports suffice
     return out
@@ -62,15 +77,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("configs/study_lm.yaml"))
     parser.add_argument("--root", type=Path, default=Path("runs/lm_variance"), help="one run folder per beta")
     parser.add_argument("--betas", type=lambda s: [float(x) for x in s.split(",")], default=list(BETAS))
+    parser.add_argument("--seed", type=int, default=0, help="training seed (0: the committed runs' folders)")
+    parser.add_argument("--stale", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1,),
+                        help="iterations back of the behaviour exports, each in 1..ITERS-1")
     options = parser.parse_args(argv)
+    if not all(1 <= k < ITERS for k in options.stale):
+        print(f"error: --stale: each value must be in 1..{ITERS - 1}", file=sys.stderr)
+        return 2
     if not options.config.is_file():
         print(f"error: --config: no such file {options.config}", file=sys.stderr)
         return 2
     for beta in options.betas:
         try:
-            train_policy(options.config, beta, options.root)
+            train_policy(options.config, beta, options.root, options.seed, options.stale)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         except subprocess.CalledProcessError:
-            print(f"error: training failed, see {run_dir(options.root, beta) / 'train.log'}; rerun to resume", file=sys.stderr)
+            print(f"error: training failed, see {run_dir(options.root, beta, options.seed) / 'train.log'}; rerun to resume", file=sys.stderr)
             return 1
     return 0
 
