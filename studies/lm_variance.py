@@ -49,7 +49,7 @@ from lmgym.decoding import decode_in_lockstep
 from lmgym.task import ContinuationTask, log_prob
 from studies.lm_variance_policies import BEHAVIOUR, BETAS, run_dir
 from studies.lm_variance_records import load_raw, raw_path, save_raw
-from studies.moments import label
+from studies.moments_grid import label
 
 K_V, K_D = 16, 16  # projection sizes along the vocabulary and the hidden dimension
 PROJECTION_SEED = 20261129

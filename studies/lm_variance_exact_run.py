@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 import studies.lm_variance as lmv
-from agents.run_dir import atomic_write
+from agents.cli.run_dir import atomic_write
 from lmgym.assets import load_causal_lm
 from lmgym.task import ContinuationTask
 from studies.lm_variance_exact import ExactSums
 from studies.lm_variance_policies import BEHAVIOUR, BETAS, run_dir
-from studies.moments import label
+from studies.moments_grid import label
 
 
 def measure_cell(policy, behaviour, task: ContinuationTask, regime: str, n_sequences: int, chunk: int) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 import kl_estimators
 from agents.cli.run_dir import atomic_write
 from studies.moments_exact import Problem, exact_moments
-from studies.moments_grid import BASE, CLIP_STALENESS, CLIPPED, CLIPS, OFF_POLICY_VARIANTS, SEEDS, STALENESS
+from studies.moments_grid import BASE, CLIP_STALENESS, CLIPPED, CLIPS, OFF_POLICY_VARIANTS, SEEDS, STALENESS, label, unbiased
 from studies.tabular_model import make_instance
 
 
@@ -90,25 +90,6 @@ def estimator_runs(cell: Cell) -> list[tuple[str, dict]]:
         ]
     runs = [(name, {}) for name in kl_estimators.ESTIMATORS]
     return runs + (list(OFF_POLICY_VARIANTS) if cell.staleness is not None else [])
-
-
-def label(estimator: str, options: dict) -> str:
-    """``estimator`` with its options, e.g. ``reinforce-future[importance=sequence]``."""
-    if not options:
-        return estimator
-    return estimator + "[" + ",".join(f"{k}={v}" for k, v in options.items()) + "]"
-
-
-def unbiased(estimator: str, options: dict, off_policy: bool) -> bool:
-    """Whether ``ESTIMATOR_INFO`` (and the exact importance-sampling identity) make it unbiased."""
-    info = kl_estimators.ESTIMATOR_INFO[estimator]
-    if options.get("weight_clip") is not None:
-        return False
-    if options.get("importance") == "sequence":
-        return info.unbiased_on_policy
-    if options.get("importance") == "token":
-        return info.unbiased_on_policy and not off_policy
-    return info.unbiased_off_policy if off_policy else info.unbiased_on_policy
 
 
 def compute_cell(cell: Cell) -> dict:

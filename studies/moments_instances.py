@@ -36,26 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kl_estimators
-from agents.run_dir import atomic_write
-from studies.moments import OFF_POLICY_VARIANTS, Cell, label, problem, unbiased
+from agents.cli.run_dir import atomic_write
+from studies.moments import Cell, problem
+from studies.moments_grid import OFF_POLICY_VARIANTS, label, unbiased
+from studies.moments_instances_grid import BETA, CLIP_RUNS, CLIP_STALENESS, CLIPS, KL_LEVELS, N_SEEDS
 from studies.moments_exact import Problem, per_sequence_terms
 from studies.tabular_model import Instance, make_instance, sequence_logprobs
 
-N_SEEDS = 48
-BETA = 0.3
-KL_LEVELS = (0.25, 1.0, 2.0)
-CLIP_STALENESS = (0.2, 0.4, 0.7, 1.0)
-CLIPS = (1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
-# Every estimator that weights by pi/mu: the -is estimators, the differentiable-ratio k3, and the
-# sequence-weighted forms of the estimators that ignore mu.
-CLIP_RUNS: tuple[tuple[str, dict], ...] = (
-    ("reinforce-future-is", {}),
-    ("analytic-future-is", {}),
-    ("analytic-is", {}),
-    ("k3+is", {}),
-    ("k3-ratio", {}),
-    *((name, options) for name, options in OFF_POLICY_VARIANTS if options["importance"] == "sequence"),
-)
 
 
 @dataclass(frozen=True)

@@ -294,8 +294,8 @@ def clip_effect(problems: list[dict], name: str, c: float, n: int) -> tuple[floa
 
 def clip_table(folder: Path = RESULTS) -> str:
     """weight_clip = c over (s, n): median MSE ratio clipped / unclipped and the share it helps."""
-    from studies.moments import label
-    from studies.moments_instances import CLIP_RUNS, CLIP_STALENESS
+    from studies.moments_grid import label
+    from studies.moments_instances_grid import CLIP_RUNS, CLIP_STALENESS
 
     g = groups(folder)
     columns = [(s, n) for s in CLIP_STALENESS for n in CLIP_BATCHES]
@@ -324,7 +324,7 @@ def clip_table(folder: Path = RESULTS) -> str:
 def off_policy_table(folder: Path = RESULTS) -> str:
     """Every unclipped estimator (and importance-weighted variant) along the staleness s of mu_s:
     median |bias|^2 / |grad KL|^2 and median trace over the problems."""
-    from studies.moments_instances import CLIP_STALENESS
+    from studies.moments_instances_grid import CLIP_STALENESS
 
     g = groups(folder)
     points = {s: split(g[("clip", 3, 3, None, s)])[0] for s in CLIP_STALENESS}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
-from tabular import Tabular, make_tabular, tabulars
+from tests.helpers.tabular import Tabular, make_tabular, tabulars
 
 from kl_estimators import per_token_kl_loss
 
