@@ -21,7 +21,7 @@ def grpo_config(tmp_path, **overrides) -> GRPOConfig:
 def build(trainer_class, model_path: str, tokenizer, tmp_path, reward_funcs=None, prompts=("this movie was", "the plot"),
           **kwargs) -> GRPOTrainer:
     """``trainer_class`` on the tiny model; ``kwargs`` go to GRPOConfig except the trainer's own (``kl_*``)."""
-    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size")}
+    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size", "peft_config")}
     dataset = Dataset.from_dict({"prompt": list(prompts) * 4})
     reward_funcs = reward_funcs or (lambda completions, **_: [float(len(c)) for c in completions])
     trainer = trainer_class(model=model_path, reward_funcs=reward_funcs, args=grpo_config(tmp_path, **kwargs),
