@@ -175,7 +175,7 @@ class KLGRPOTrainer(GRPOTrainer):
         return out
 
     def _check_output_layer(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, reference: bool) -> None:
-        """Once per model: its own forward's logits (the sampler's, autocast off) equal
+        """Once per model: its own forward's logits (the sampler's, in float32 where its weights are) equal
         s (h W^T + b), with h its backbone's hidden states, to the rounding of the logits' dtype.
 
         Raises ValueError where they differ (a scaling or cap the config does not declare)."""
@@ -187,7 +187,8 @@ class KLGRPOTrainer(GRPOTrainer):
         handle = _backbone(unwrapped).register_forward_hook(lambda _m, _i, output: hidden.append(output.last_hidden_state))
         try:
             with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
-                logits = model(input_ids=input_ids[:1], attention_mask=attention_mask[:1]).logits
+                # the class's forward: not accelerate's autocast wrapper nor TRL's fused head on the instance
+                logits = type(unwrapped).forward(unwrapped, input_ids=input_ids[:1], attention_mask=attention_mask[:1]).logits
                 weight, bias = output_layer(unwrapped)
                 ours = torch.nn.functional.linear(hidden[0].to(weight.dtype), weight, bias).double() * self._logit_scale
         finally:
