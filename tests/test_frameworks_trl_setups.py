@@ -53,6 +53,27 @@ def test_refuses_before_any_model_loads(tmp_path, kwargs, trainer_kwargs, messag
                       **trainer_kwargs)
 
 
+@pytest.mark.parametrize("estimator", ("analytic-future-is", "reinforce-future-is"))
+def test_zero3_refuses_the_analytic_estimators(tmp_path, monkeypatch, estimator):
+    """ZeRO-3 (here from accelerate's environment variable: DeepSpeed is not installed) partitions the
+    output layer away: refused for the analytic estimators before loading; a sampled one passes the check."""
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    if estimator.startswith("analytic"):
+        with pytest.raises(ValueError, match="ZeRO-3"):
+            trl_checks.check_zero3(estimator, None)
+        with pytest.raises(ValueError, match="ZeRO-3"):
+            KLGRPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=lambda **_: [], args=grpo_config(tmp_path))
+    else:
+        trl_checks.check_zero3(estimator, None)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if estimator.startswith("analytic"):
+        with pytest.raises(ValueError, match="ZeRO-3"):
+            trl_checks.check_zero3(estimator, str(path))
+    trl_checks.check_zero3("analytic-future-is", {"zero_optimization": {"stage": 2}})
+
+
 def test_no_args_is_refused_before_loading(tmp_path):
     """Without args TRL would build GRPOConfig(beta=0.0): refused, naming beta."""
     with pytest.raises(ValueError, match="beta > 0"):

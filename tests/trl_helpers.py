@@ -62,3 +62,29 @@ def perturb(model: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> None:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def fixed_batch(model_path: str, seed: int = 0) -> dict:
+    """``batch`` from plain (unsharded) copies of the policy (``perturb``ed) and the reference, with
+    the reference's hidden states: the same inputs in every process."""
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(model_path)
+    reference = AutoModelForCausalLM.from_pretrained(model_path)
+    perturb(policy)
+    inputs = batch(policy, reference, torch.Generator().manual_seed(seed), B=4)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        inputs["ref_hidden_states"] = reference.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -T - 1 : -1]
+    return inputs
+
+
+def sharded_half(inputs: dict, rank: int, world: int) -> dict:
+    """Process ``rank``'s rows of ``inputs`` (contiguous blocks); ``num_items_in_batch`` stays the
+    whole batch's token count, as TRL gathers it across processes."""
+    rows = inputs["completion_ids"].shape[0] // world
+    part = {k: v[rank * rows : (rank + 1) * rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+    part["num_items_in_batch"] = inputs["num_items_in_batch"]
+    return part

@@ -45,6 +45,7 @@ unbiased estimator would not stay unbiased: that combination is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, NamedTuple
@@ -61,6 +62,7 @@ from kl_estimators.integrations.trl_checks import (
     check_kl_arguments,
     check_loss_type,
     check_sampler,
+    check_zero3,
     logit_transform,
 )
 
@@ -95,6 +97,22 @@ def output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
     return weight, bias
 
 
+@contextlib.contextmanager
+def _without_autocast_wrapper(model: torch.nn.Module):
+    """``model``'s forward without the mixed-precision autocast that ``accelerate.prepare`` wraps
+    it in (its ``_original_forward``); module hooks (FSDP's) still run."""
+    wrapped = model.__dict__.get("forward")
+    original = model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
 class _Pass(NamedTuple):
     """One of TRL's forwards, observed: log-probs of the sampled tokens, the backbone's hidden
     states before each of them (None unless the estimator needs logits), and whether it was the
@@ -125,6 +143,7 @@ class KLGRPOTrainer(GRPOTrainer):
         check_kl_arguments(kl_estimator, getattr(args, "beta", 0.0), weight_clip, chunk_size)
         check_loss_type(kl_estimator, args.loss_type)
         check_importance_level(kl_estimator, args.importance_sampling_level)
+        check_zero3(kl_estimator, getattr(args, "deepspeed", None))
         check_sampler({"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, **(args.generation_kwargs or {})})
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         self.kl_estimator = kl_estimator
@@ -187,8 +206,8 @@ class KLGRPOTrainer(GRPOTrainer):
         handle = _backbone(unwrapped).register_forward_hook(lambda _m, _i, output: hidden.append(output.last_hidden_state))
         try:
             with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
-                # the class's forward: not accelerate's autocast wrapper nor TRL's fused head on the instance
-                logits = type(unwrapped).forward(unwrapped, input_ids=input_ids[:1], attention_mask=attention_mask[:1]).logits
+                with _without_autocast_wrapper(unwrapped):
+                    logits = unwrapped(input_ids=input_ids[:1], attention_mask=attention_mask[:1]).logits
                 weight, bias = output_layer(unwrapped)
                 ours = torch.nn.functional.linear(hidden[0].to(weight.dtype), weight, bias).double() * self._logit_scale
         finally:

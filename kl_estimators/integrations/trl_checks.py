@@ -7,7 +7,9 @@ Used by ``KLGRPOTrainer`` (``kl_estimators.integrations.trl``); each failure is 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any
 
 from kl_estimators.info import ESTIMATOR_INFO
@@ -114,3 +116,27 @@ def logit_transform(config: Any) -> tuple[float, float | None]:
     if scale is None and getattr(text, "logits_scaling", None) is not None:
         scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
     return (1.0 if scale is None else float(scale)), getattr(text, "final_logit_softcapping", None)
+
+
+def check_zero3(kl_estimator: str, deepspeed: Any) -> None:
+    """ValueError for an analytic estimator under DeepSpeed ZeRO-3.
+
+    ``deepspeed``: ``TrainingArguments.deepspeed`` (a config dict, a JSON file's path, or None);
+    the stage can also come from accelerate's ``ACCELERATE_DEEPSPEED_ZERO_STAGE``. Under ZeRO-3 the
+    output layer's weight is an empty placeholder outside its module's forward, and this trainer
+    reads it after TRL's forwards (FSDP2's DTensor shards, by contrast, are gathered).
+    """
+    if not ESTIMATOR_INFO[kl_estimator].needs_logits:
+        return
+    config = deepspeed
+    if isinstance(config, str):
+        with open(config) as f:
+            config = json.load(f)
+    stage = (config or {}).get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    if stage is None:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is not None and str(stage) == "3":
+        raise ValueError(
+            f"kl_estimator={kl_estimator!r} reads the output layer's weight, which DeepSpeed ZeRO-3 partitions away: "
+            "use FSDP2, ZeRO-2, or a sampled estimator such as 'reinforce-future-is'"
+        )
