@@ -261,7 +261,7 @@ def _perturb_lora(model, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name and ".ref." not in name:
                 parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
 
 
@@ -303,6 +303,43 @@ def test_lora_loss_and_gradients_match_full_logits(tiny_lm_path, tiny_tokenizer,
     scale = max(g.abs().max().item() for g in theirs)
     assert scale > 0
     for g_ours, g_theirs in zip(ours, theirs):
+        torch.testing.assert_close(g_ours, g_theirs, rtol=0.0, atol=1e-4 * scale)
+
+
+def test_pretrained_adapter_reference_is_its_ref_copy(tiny_lm_path, tiny_tokenizer, tmp_path):
+    """A PEFT model with a trained adapter: TRL copies it as a frozen "ref" adapter and scores the
+    reference with it; the analytic loss and gradients equal those from full logits with "ref" active."""
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm_path), _lora())
+    _perturb_lora(model, seed=1)  # the pretrained adapter
+    trainer = build(KLGRPOTrainer, model, tiny_tokenizer, tmp_path)
+    assert "ref" in trainer.model.peft_config
+    _perturb_lora(trainer.model, seed=2)  # the policy moves away from its reference copy
+    inputs = trainer._generate_and_score_completions([{"prompt": p} for p in ("this movie was", "the plot") * 2])
+    inputs["advantages"] = torch.zeros_like(inputs["advantages"])
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    model = trainer.model
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, -T - 1 : -1].float() / trainer.temperature
+    model.set_adapter("ref")
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, attention_mask=attention).logits[:, -T - 1 : -1].float() / trainer.temperature
+    model.set_adapter("default")
+    tokens = inputs["completion_ids"].unsqueeze(-1)
+    logps = logits.log_softmax(-1).gather(-1, tokens).squeeze(-1)
+    mask = inputs["completion_mask"].bool()
+    terms = kl.per_token_kl_loss("analytic-future-is", logps, inputs["ref_per_token_logps"], mask, logits, ref_logits)
+    expected = trainer.beta * (terms * mask).sum() / inputs["num_items_in_batch"]
+    loss = trainer._compute_loss(model, inputs)
+    assert expected.abs() > 1e-4
+    torch.testing.assert_close(loss, expected.to(loss.dtype), rtol=1e-4, atol=1e-7)
+    lora = [p for name, p in model.named_parameters() if "lora_" in name and ".default." in name]
+    scale = max(g.abs().max().item() for g in torch.autograd.grad(expected, lora, retain_graph=True))
+    for g_ours, g_theirs in zip(torch.autograd.grad(loss, lora), torch.autograd.grad(expected, lora)):
         torch.testing.assert_close(g_ours, g_theirs, rtol=0.0, atol=1e-4 * scale)
 
 
