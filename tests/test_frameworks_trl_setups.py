@@ -218,10 +218,12 @@ def test_undeclared_scale_is_refused_under_bf16(tiny_granite_path, tiny_tokenize
         trainer._compute_loss(trainer.model, inputs)
 
 
-def test_unscaled_model_trains_under_bf16(tiny_lm_path, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("cast_lm_head_to_fp32", (False, True))
+def test_unscaled_model_trains_under_bf16(tiny_lm_path, tiny_tokenizer, tmp_path, cast_lm_head_to_fp32):
     """The check reads the model's own forward, not accelerate's bf16 autocast wrapper of it (which
-    train() installs): an unscaled model passes and trains."""
-    trainer = build(KLGRPOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path, bf16=True, max_steps=1)
+    train() installs): an unscaled model passes and trains, also with TRL's float32 output layer."""
+    trainer = build(KLGRPOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path, bf16=True, max_steps=1,
+                    cast_lm_head_to_fp32=cast_lm_head_to_fp32)
     trainer.train()
     assert trainer.state.global_step == 1 and math.isfinite(trainer.state.log_history[0]["kl"])
 
