@@ -41,19 +41,13 @@ from typing import Any
 import torch
 from trl import RLOOTrainer
 
-from kl_estimators._checks import check_positive_int
 from kl_estimators.fused import fused_kl
 from kl_estimators.gradients import per_token_kl_loss
 from kl_estimators.info import ESTIMATOR_INFO
 from kl_estimators.integrations.trl import KLGRPOTrainer, _backbone
-from kl_estimators.weights import check_weight_clip
+from kl_estimators.integrations.trl_checks import check_kl_arguments, check_sampler, check_zero3
 
 REWARD_ESTIMATORS = ("reinforce", "analytic-future")  # those whose score part goes in RLOO's sequence reward
-
-
-def _without_peft(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class KLRLOOTrainer(RLOOTrainer):
@@ -62,19 +56,20 @@ class KLRLOOTrainer(RLOOTrainer):
     ``weight_clip`` and ``chunk_size`` are passed to ``per_token_kl_loss`` / ``fused_kl``.
     """
 
-    _linear_logits = KLGRPOTrainer._linear_logits  # lm_head(h) / T as LinearLogits, checked once per output layer
+    # lm_head(h) / T as LinearLogits, the logit scale read from the config and each model's own logits
+    # checked once against it, and which forward is the reference's: as in KLGRPOTrainer
+    _linear_logits = KLGRPOTrainer._linear_logits
+    _check_logit_transform = KLGRPOTrainer._check_logit_transform
+    _check_output_layer = KLGRPOTrainer._check_output_layer
+    _is_reference = KLGRPOTrainer._is_reference
 
     def __init__(self, *args: Any, kl_estimator: str = "analytic-future", weight_clip: Any = None,
                  chunk_size: int | None = None, **kwargs: Any) -> None:
-        if kl_estimator not in ESTIMATOR_INFO:
-            raise ValueError(f"kl_estimator must be one of {tuple(ESTIMATOR_INFO)}, got {kl_estimator!r}")
-        check_weight_clip(weight_clip)
-        if chunk_size is not None:
-            check_positive_int("chunk_size", chunk_size)
         config = kwargs.get("args", args[2] if len(args) > 2 else None)  # RLOOTrainer(model, reward_funcs, args, ...)
+        check_kl_arguments(kl_estimator, getattr(config, "beta", 0.05), weight_clip, chunk_size)
         if config is not None:
-            if not config.beta > 0 or config.beta == float("inf"):
-                raise ValueError(f"KLRLOOTrainer needs RLOOConfig(beta) finite and > 0 (the KL coefficient), got {config.beta}")
+            check_zero3(kl_estimator, getattr(config, "deepspeed", None))
+            check_sampler({"top_k": config.top_k, "top_p": config.top_p, "min_p": config.min_p, **(config.generation_kwargs or {})})
             if kl_estimator == "analytic-future" and (
                     config.num_iterations > 1 or config.steps_per_generation > config.gradient_accumulation_steps):
                 raise ValueError("kl_estimator='analytic-future' puts the rollout policy's KL in the reward, which is stale "
@@ -89,7 +84,9 @@ class KLRLOOTrainer(RLOOTrainer):
         self.kl_chunk_size = chunk_size
         self._captured: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._generating = False
-        self._checked_output_layers: set[int] = set()
+        self._checked_output_layers: set[tuple[int, bool]] = set()
+        if ESTIMATOR_INFO[kl_estimator].needs_logits:
+            self._logit_scale = self._check_logit_transform()
 
     # -- TRL's forwards, observed ------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -98,7 +95,8 @@ class KLRLOOTrainer(RLOOTrainer):
         hidden: list[torch.Tensor] = []
         handle = None
         if ESTIMATOR_INFO[self.kl_estimator].needs_logits:
-            handle = _backbone(_without_peft(self.accelerator.unwrap_model(model))).register_forward_hook(
+            self._check_output_layer(model, input_ids, attention_mask, self._is_reference(model))
+            handle = _backbone(self.accelerator.unwrap_model(model)).register_forward_hook(
                 lambda _module, _inputs, output: hidden.append(output.last_hidden_state[:, -logits_to_keep - 1 : -1])
             )
         try:
@@ -108,18 +106,18 @@ class KLRLOOTrainer(RLOOTrainer):
                 handle.remove()
         self._captured.append((logps, torch.cat(hidden) if hidden else None))
         if self._generating and len(self._captured) == 2:
-            logps = self._reference_for_reward(model, attention_mask[:, -logits_to_keep:].bool(), input_ids[:, -logits_to_keep:])
+            logps = self._reference_for_reward(model, attention_mask[:, -logits_to_keep:].bool())
         return (logps, *rest)
 
-    def _reference_for_reward(self, ref_model, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _reference_for_reward(self, ref_model, mask: torch.Tensor) -> torch.Tensor:
         """What TRL's reward line receives as ``ref_per_token_logps``: TRL subtracts
         beta x sum_t (old - this), so this is old - (the estimator's per-token reward part)."""
         (old, old_hidden), (ref, ref_hidden) = self._captured
         if self.kl_estimator == "reinforce":
             return ref  # TRL's own k1
         if self.kl_estimator == "analytic-future":
-            policy = self._linear_logits(self.model, old_hidden, ids, old, mask)
-            reference = self._linear_logits(ref_model, ref_hidden, ids, ref, mask)
+            policy = self._linear_logits(self.model, old_hidden)
+            reference = self._linear_logits(ref_model, ref_hidden, detach=True)
             return old - fused_kl(policy, reference, mask=mask, chunk_size=self.kl_chunk_size).kl.to(old.dtype)
         return old  # loss-placed: no reward part
 
@@ -160,13 +158,13 @@ class KLRLOOTrainer(RLOOTrainer):
         finally:
             self._captured = None
         mask = inputs["completion_mask"].bool()
-        ids, ref = inputs["completion_ids"], inputs["ref_per_token_logps"]
+        ref = inputs["ref_per_token_logps"]
         logits = ref_logits = None
         if hidden is not None:
-            logits = self._linear_logits(model, hidden, ids, logps, mask)
+            logits = self._linear_logits(model, hidden)
             # PEFT: the reference is this model with its adapter disabled, whose output layer's weight is the base's
             ref_model = self.ref_model if self.ref_model is not None else model
-            ref_logits = self._linear_logits(ref_model, inputs["ref_hidden_states"], ids, ref, mask)
+            ref_logits = self._linear_logits(ref_model, inputs["ref_hidden_states"], detach=True)
         estimator = "analytic" if self.kl_estimator == "analytic-future" else self.kl_estimator  # the loss part
         terms = per_token_kl_loss(estimator, logps, ref, mask, logits, ref_logits,
                                   behaviour_logprobs=inputs["old_per_token_logps"],

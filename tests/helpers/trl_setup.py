@@ -1,4 +1,4 @@
-"""Tiny offline ``GRPOTrainer``s for the TRL tests (trl 1.16.0 on CPU, a tiny Llama from conftest)."""
+"""Tiny offline ``GRPOTrainer``s and ``RLOOTrainer``s for the TRL tests (trl 1.16.0 on CPU, a tiny Llama from conftest)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def grpo_config(tmp_path, **overrides) -> GRPOConfig:
 def build(trainer_class, model_path: str, tokenizer, tmp_path, reward_funcs=None, prompts=("this movie was", "the plot"),
           **kwargs) -> GRPOTrainer:
     """``trainer_class`` on the tiny model; ``kwargs`` go to GRPOConfig except the trainer's own (``kl_*``)."""
-    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size")}
+    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size", "peft_config")}
     dataset = Dataset.from_dict({"prompt": list(prompts) * 4})
     reward_funcs = reward_funcs or (lambda completions, **_: [float(len(c)) for c in completions])
     trainer = trainer_class(model=model_path, reward_funcs=reward_funcs, args=grpo_config(tmp_path, **kwargs),
@@ -83,3 +83,29 @@ def build_rloo(trainer_class, tiny_lm_path, tiny_tokenizer, tmp_path, prompts=("
     perturb(trainer.model)  # TRL loads policy and reference from the same weights
     trainer.model.train()
     return trainer
+
+
+def fixed_batch(model_path: str, seed: int = 0) -> dict:
+    """``batch`` from plain (unsharded) copies of the policy (``perturb``ed) and the reference, with
+    the reference's hidden states: the same inputs in every process."""
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(model_path)
+    reference = AutoModelForCausalLM.from_pretrained(model_path)
+    perturb(policy)
+    inputs = batch(policy, reference, torch.Generator().manual_seed(seed), B=4)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        inputs["ref_hidden_states"] = reference.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -T - 1 : -1]
+    return inputs
+
+
+def sharded_half(inputs: dict, rank: int, world: int) -> dict:
+    """Process ``rank``'s rows of ``inputs`` (contiguous blocks); ``num_items_in_batch`` stays the
+    whole batch's token count, as TRL gathers it across processes."""
+    rows = inputs["completion_ids"].shape[0] // world
+    part = {k: v[rank * rows : (rank + 1) * rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+    part["num_items_in_batch"] = inputs["num_items_in_batch"]
+    return part
