@@ -8,7 +8,7 @@ from pathlib import Path
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
-from agents import distributed
+from agents import distributed, formatting
 from agents.run_dir import CURVES, METRICS, read_rows, save_checkpoint, write_rows
 from agents.evaluation import evaluate
 from agents.plots import plot_curves
@@ -110,7 +110,7 @@ class TrainingMonitor(BaseCallback):
                 self.model.logger.record(key, value)
         if iteration % self.save_every == 0 or iteration >= self.iters:
             save_checkpoint(self.model, self.out, self.run)
-        plot_curves(self.rows, self.out / CURVES, title=str(self.out))
+        plot_curves(self.rows, self.out / CURVES, title=Path(self.out).name)
         self._report(row)
 
     def _evaluate(self) -> dict[str, float]:
@@ -124,8 +124,7 @@ class TrainingMonitor(BaseCallback):
 
     def _report(self, row: dict[str, object]) -> None:
         def fmt(key: str, spec: str = "+.3f") -> str:
-            value = row.get(key)
-            return "-" if value is None else format(float(value), spec)
+            return formatting.fmt(key, row.get(key), spec)
 
         if self.bar is not None:
             self.bar.set_postfix(reward=fmt("rollout/task_reward"), kl=fmt("rollout/kl_analytic", ".3f"))
