@@ -100,9 +100,14 @@ def _chromium(binary: str, *args: str, timeout: int = 60) -> str:
 
 def _serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _QuietServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):  # the browser closing a connection early is no problem
+        pass
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
