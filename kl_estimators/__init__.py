@@ -7,6 +7,14 @@ Standalone: imports nothing but torch and the standard library.
 
 __version__ = "0.1.0"  # the distribution lmgym-kl's version: pyproject.toml reads it from here
 
+import warnings
+
+with warnings.catch_warnings():
+    # Without numpy (``pip install .`` does not bring it), ``import torch`` warns "Failed to
+    # initialize NumPy" from its C++ side; this library never converts to numpy, so the warning is noise.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401  (imported first, here, so that the filter covers torch's import)
+
 from kl_estimators.controllers import AdaptiveKLController, FixedKLController
 from kl_estimators.fused import FusedKL, LinearLogits, fused_kl
 from kl_estimators.gradients import ESTIMATORS, per_token_kl_loss, sequence_kl_loss

@@ -6,7 +6,14 @@ import math
 
 
 class FixedKLController:
-    """A constant KL coefficient beta."""
+    """A constant KL coefficient beta.
+
+    Args:
+        kl_coef: beta, >= 0.
+
+    Raises:
+        ValueError: ``kl_coef`` is negative or NaN.
+    """
 
     def __init__(self, kl_coef: float) -> None:
         if not (math.isfinite(kl_coef) and kl_coef >= 0):
@@ -19,7 +26,15 @@ class FixedKLController:
         return self._value
 
     def update(self, current_kl: float, n_steps: int) -> float:
-        """Leave beta unchanged and return it."""
+        """Leave beta unchanged and return it.
+
+        Args:
+            current_kl: the observed KL (ignored).
+            n_steps: the number of steps it was observed over (ignored).
+
+        Returns:
+            beta.
+        """
         return self._value
 
 
@@ -29,6 +44,14 @@ class AdaptiveKLController:
     e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * max(0, 1 + e * n_steps / horizon).
 
     The factor is floored at 0 so that beta never turns negative (it could once n_steps > 5 horizon).
+
+    Args:
+        init_kl_coef: the initial beta, finite and >= 0.
+        target: the KL to steer towards, finite and > 0 (in the units of the ``current_kl`` passed to ``update``).
+        horizon: finite and > 0; each update multiplies beta by max(0, 1 + e * n_steps / horizon), with e the clipped error.
+
+    Raises:
+        ValueError: an argument is out of its range.
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
@@ -48,7 +71,18 @@ class AdaptiveKLController:
         return self._value
 
     def update(self, current_kl: float, n_steps: int) -> float:
-        """Apply one proportional step for ``current_kl`` observed over ``n_steps``; return beta."""
+        """Apply one proportional step for ``current_kl`` observed over ``n_steps``; return beta.
+
+        Args:
+            current_kl: the KL observed in this batch.
+            n_steps: the number of steps (e.g. tokens or sequences) it was observed over, >= 0.
+
+        Returns:
+            The new beta.
+
+        Raises:
+            ValueError: ``current_kl`` is NaN or ``n_steps`` is negative.
+        """
         if math.isnan(current_kl):
             raise ValueError("current_kl must not be NaN")
         if n_steps < 0:

@@ -45,6 +45,15 @@ class LinearLogits:
     ``hidden`` [B, T, d], ``weight`` [V, d] (an output layer's, tied to the embedding or not),
     ``bias`` [V] or None, ``temperature`` > 0. Pass one per model where the KL functions take
     [B, T, V] logits (``fused_kl``, ``per_token_kl_loss``, ``sequence_kl_loss``).
+
+    Args:
+        hidden: final hidden states h, [B, T, d].
+        weight: the output layer's weight W, [V, d].
+        bias: the output layer's bias b, [V], or None; -inf entries exclude tokens.
+        temperature: tau > 0; the logits are (h W^T + b) / tau.
+
+    Raises:
+        ValueError: the shapes do not fit together or ``temperature`` is not a number > 0.
     """
 
     hidden: torch.Tensor
@@ -75,7 +84,14 @@ class LinearLogits:
 
 
 class FusedKL(NamedTuple):
-    """Per-position results of ``fused_kl``, each [B, T], 0 where the mask is False."""
+    """Per-position results of ``fused_kl``, each [B, T], 0 where the mask is False.
+
+    Attributes:
+        kl: KL(pi(.|s_t) || pi_ref(.|s_t)), differentiable; 0 when no reference is given.
+        logprobs: log pi(y_t|s_t), differentiable; 0 when no tokens are given.
+        ref_logprobs: log pi_ref(y_t|s_t), constant; 0 when no reference is given.
+        entropy: H(pi(.|s_t)), differentiable.
+    """
 
     kl: torch.Tensor  # KL(pi(.|s_t) || pi_ref(.|s_t)); 0 when no reference is given
     logprobs: torch.Tensor  # log pi(y_t|s_t)
@@ -246,6 +262,20 @@ def fused_kl(
     Only positions where ``mask`` is True are computed; the others are 0 with a zero gradient.
     Gradients reach ``policy``'s hidden states, weight and bias; ``reference`` is a constant
     (None: KL and ref_logprobs are 0). ``tokens`` [B, T] long (None: log-probs are 0).
+
+    Args:
+        policy: the policy's logits as ``LinearLogits`` (differentiable).
+        reference: the reference's logits as ``LinearLogits`` of the same shape (constant), or None.
+        tokens: the sampled tokens y_t, long [B, T], or None.
+        mask: bool [B, T], True at the positions to compute, or None for all.
+        chunk_size: rows of [V] logits per chunk; None picks ``auto_chunk_size(V)`` (a 64 MiB float32 block).
+
+    Returns:
+        A ``FusedKL`` of four [B, T] tensors.
+
+    Raises:
+        ValueError: the inputs are not ``LinearLogits``, their shapes differ, or ``tokens`` / ``mask``
+            have the wrong shape, dtype or range.
     """
     if not isinstance(policy, LinearLogits) or not (reference is None or isinstance(reference, LinearLogits)):
         raise ValueError("policy and reference must be LinearLogits (reference may be None)")

@@ -142,6 +142,7 @@ _TERMS: dict[str, Callable[[_Batch], torch.Tensor]] = {
     "k3-reward": lambda b: _reward_to_go(b, b.k(k3)),
 }
 ESTIMATORS: tuple[str, ...] = tuple(_TERMS)  # the order of ESTIMATOR_INFO (checked by the tests)
+"""The names of the 16 gradient estimators, the ``estimator`` argument of ``per_token_kl_loss``."""
 
 
 def _check_support(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor | None, mask: torch.Tensor) -> None:
@@ -228,6 +229,29 @@ def per_token_kl_loss(
     normalisation. ``importance``: "token" or "sequence" importance weighting of an estimator that
     ignores mu; ``weight_clip``: c (min(w, c)) or (lo, hi) on every importance weight;
     ``chunk_size``: rows per chunk of ``analytic`` or ``fused_kl``.
+
+    Args:
+        estimator: one of ``ESTIMATORS`` (see ``ESTIMATOR_INFO`` for what its expected gradient equals).
+        logprobs: log pi(y_t | s_t) of the sampled tokens, [B, T], differentiable.
+        ref_logprobs: log pi_ref(y_t | s_t), [B, T]; treated as a constant.
+        mask: bool [B, T], True at the tokens that count (generated, not padding).
+        logits: the policy's logits [B, T, V] or ``LinearLogits``; for the analytic estimators only.
+        ref_logits: the reference's logits [B, T, V] or ``LinearLogits``; constant; analytic estimators only.
+        behaviour_logprobs: log mu(y_t | s_t) of the policy that sampled the batch (pi_old, an
+            inference engine), [B, T], constant; None means on-policy (mu = pi).
+        importance: "token" or "sequence" importance weighting of an estimator that ignores mu, or None.
+        weight_clip: c (each weight becomes min(w, c)) or (lo, hi) (clamped), or None.
+        chunk_size: positions per chunk of ``analytic`` / ``fused_kl``; None for all at once.
+        kl: KL_t [B, T] already computed with its gradient (e.g. ``fused_kl(...).kl``), in place of
+            ``logits`` and ``ref_logits``.
+
+    Returns:
+        The per-token terms [B, T], 0 where ``mask`` is False; sum them over tokens (divided by a
+        constant) and add beta times that to the loss.
+
+    Raises:
+        ValueError: an unknown estimator or importance, mismatched shapes, missing or superfluous
+            logits, or a sampled token with zero probability under mu.
     """
     _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, behaviour_logprobs, importance, kl)
     check_weight_clip(weight_clip)
@@ -269,6 +293,28 @@ def sequence_kl_loss(
 
     Its gradient's expectation over y ~ mu (mu = pi when ``behaviour_logprobs`` is None) is what
     ``ESTIMATOR_INFO[estimator]`` states; its value is the batch mean of a KL estimate.
+
+    Args:
+        estimator: one of ``ESTIMATORS`` (see ``ESTIMATOR_INFO`` for what its expected gradient equals).
+        logprobs: log pi(y_t | s_t) of the sampled tokens, [B, T], differentiable.
+        ref_logprobs: log pi_ref(y_t | s_t), [B, T]; treated as a constant.
+        mask: bool [B, T], True at the tokens that count (generated, not padding).
+        logits: the policy's logits [B, T, V] or ``LinearLogits``; for the analytic estimators only.
+        ref_logits: the reference's logits [B, T, V] or ``LinearLogits``; constant; analytic estimators only.
+        behaviour_logprobs: log mu(y_t | s_t) of the policy that sampled the batch (pi_old, an
+            inference engine), [B, T], constant; None means on-policy (mu = pi).
+        importance: "token" or "sequence" importance weighting of an estimator that ignores mu, or None.
+        weight_clip: c (each weight becomes min(w, c)) or (lo, hi) (clamped), or None.
+        chunk_size: positions per chunk of ``analytic`` / ``fused_kl``; None for all at once.
+        kl: KL_t [B, T] already computed with its gradient (e.g. ``fused_kl(...).kl``), in place of
+            ``logits`` and ``ref_logits``.
+
+    Returns:
+        A scalar: the mean over the batch of each sequence's summed terms.
+
+    Raises:
+        ValueError: an unknown estimator or importance, mismatched shapes, missing or superfluous
+            logits, or a sampled token with zero probability under mu.
     """
     per_sequence = per_token_kl_loss(
         estimator,

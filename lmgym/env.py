@@ -33,6 +33,36 @@ from lmgym.tasks import make_task
 
 
 class IMDBContinuationEnv(gym.Env):
+    """One episode at a time: ``gym.make("IMDBContinuation-v0", **kwargs)`` (the module docstring
+    describes the spaces, the reward and ``info``).
+
+    Args:
+        render_mode: None or ``"ansi"`` (the prompt and the continuation so far, as text).
+        mask_top_k: allow only the top-k tokens of the masking distribution (``action_masks()``), or None.
+        mask_top_p: allow only its top-p nucleus, or None.
+        mask_model: the masking model (default: the reference model).
+        mask_logits_fn: a function giving the masking logits instead of a model.
+        task: a registered task's name (``lmgym.tasks``; default ``"imdb"``).
+        **task_kwargs: the task factory's arguments; for ``"imdb"``, those of ``lmgym.task.ContinuationTask``:
+            model: the tokenizer's and, unless ``ref_model`` is given, the reference model: ``"smollm2-135m"``
+                (embedded), a local folder, a Hub id or a loaded ``PreTrainedModel``.
+            ref_model: the frozen reference pi_ref (same vocabulary as ``model``); None: ``model``.
+            tokenizer: a tokenizer to use instead of ``model``'s.
+            reward: ``"vader"``, a sequence classifier (local folder or Hub id), or a callable
+                ``list[str] -> array`` of scores.
+            positive_label: the classifier's positive class.
+            dataset: ``"bundled"``, ``"stanfordnlp/imdb"``, or a local csv/json/parquet with a ``text`` column.
+            split: ``"train"`` or ``"test"`` (for bundled and local files, test is every 10th prompt).
+            prompts: a list of prompts, instead of ``dataset``.
+            max_prompt_tokens: prompts are truncated to this many tokens.
+            max_new_tokens: the episode length limit.
+            device: where the reference model runs.
+
+    Raises:
+        ValueError: an unknown ``render_mode``, a bad mask option or a vocabulary mismatch.
+        lmgym.assets.AssetUnavailableError: a model, reward or data set cannot be loaded.
+    """
+
     metadata = {"render_modes": ["ansi"]}
 
     def __init__(
@@ -45,9 +75,6 @@ class IMDBContinuationEnv(gym.Env):
         task: str = "imdb",
         **task_kwargs,
     ):
-        """``mask_*``: the action masks (module docstring). ``task``: a registered task's name
-        (``lmgym.tasks``); the other keyword arguments go to its factory (for ``"imdb"``, those of
-        ``lmgym.task.ContinuationTask``: model, ref_model, ...)."""
         self.masker = ActionMasker(mask_top_k, mask_top_p, mask_model, mask_logits_fn)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
@@ -92,7 +119,11 @@ class IMDBContinuationEnv(gym.Env):
         return self._obs(), reward, terminated, truncated, info
 
     def action_masks(self) -> np.ndarray:
-        """bool ``(vocab,)``: the tokens allowed at the current observation (module docstring)."""
+        """The tokens allowed at the current observation (module docstring).
+
+        Returns:
+            bool ``(vocab,)``, True where a token is allowed.
+        """
         if self.ref_logits is None:
             raise RuntimeError("call reset() before action_masks()")
         if not self.masker.enabled:

@@ -37,7 +37,19 @@ def next_token_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention
 
 def top_k_top_p_mask(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """bool ``[..., V]``: the tokens kept by top-k and top-p of ``softmax(logits)`` (see the module
-    docstring); all True when both are None."""
+    docstring); all True when both are None.
+
+    Args:
+        logits: next-token logits, [..., V].
+        top_k: keep the k most probable tokens, or None.
+        top_p: keep the smallest set of most probable tokens whose probability reaches p, or None.
+
+    Returns:
+        bool [..., V], True at the kept tokens.
+
+    Raises:
+        ValueError: ``top_k`` < 1 or ``top_p`` outside (0, 1].
+    """
     check_mask_options(top_k, top_p)
     keep = torch.ones_like(logits, dtype=torch.bool)
     if top_k is None and top_p is None:

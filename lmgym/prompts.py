@@ -75,7 +75,21 @@ def _bundled_lines(name: str) -> list[str]:
 
 
 def load_prompts(spec: str = BUNDLED, split: str = "train", max_prompts: int | None = None) -> list[str]:
-    """Cleaned, non-empty prompts of ``spec`` (see the module docstring), at most ``max_prompts``."""
+    """Cleaned, non-empty prompts of ``spec`` (see the module docstring), at most ``max_prompts``.
+
+    Args:
+        spec: ``"bundled"`` (the prompts shipped with lmgym), ``"stanfordnlp/imdb"`` (Hub) or a local
+            ``.csv`` / ``.json`` / ``.jsonl`` / ``.parquet`` file with a ``text`` column.
+        split: ``"train"``, ``"test"`` or ``"heldout"`` (the evaluation prompts).
+        max_prompts: keep at most this many, or None for all.
+
+    Returns:
+        The prompts, cleaned and non-empty.
+
+    Raises:
+        FileNotFoundError: a local file does not exist.
+        ValueError: an unknown ``spec`` or ``split``.
+    """
     if spec == BUNDLED:
         rows = held_out_split(_bundled_lines("prompts.txt"), split)
         if split == HELD_OUT:

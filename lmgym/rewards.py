@@ -74,7 +74,19 @@ class ClassifierReward:
 
 
 def make_reward_model(spec: str = VADER, positive_label: int = 1, device: str | torch.device = "cpu"):
-    """``"vader"`` or a text-classification model id/path -> callable ``list[str] -> float32 array``."""
+    """``"vader"`` or a text-classification model id/path -> callable ``list[str] -> float32 array``.
+
+    Args:
+        spec: ``"vader"`` (offline) or a sequence classifier: a local folder or a Hub id.
+        positive_label: the classifier's class whose probability is the reward.
+        device: where the classifier runs.
+
+    Returns:
+        A callable mapping a list of texts to a float32 array of rewards.
+
+    Raises:
+        lmgym.assets.AssetUnavailableError: the classifier cannot be loaded.
+    """
     if spec == VADER:
         return VaderReward()
     return ClassifierReward(spec, positive_label=positive_label, device=device)

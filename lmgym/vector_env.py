@@ -48,6 +48,41 @@ from lmgym.tasks import make_task
 
 
 class IMDBContinuationVectorEnv(VectorEnv):
+    """``num_envs`` episodes at once, truly batched: ``gym.make_vec("IMDBContinuation-v0", num_envs,
+    vectorization_mode="vector_entry_point", **kwargs)``. One reference forward per step for the
+    whole batch, with the KV cache carried across steps; ``infos`` are dicts of arrays.
+
+    Args:
+        num_envs: the number of sub-envs, >= 1.
+        autoreset_mode: ``NEXT_STEP`` (Gymnasium's default) or ``SAME_STEP`` (what SB3 and PPOKL expect).
+        render_mode: None or ``"ansi"``.
+        step_ref_logits: put pi_ref's logits and log-probs in every step's info (False saves the
+            reference forward when the agent computes them itself).
+        mask_top_k: allow only the top-k tokens of the masking distribution (``action_masks()``), or None.
+        mask_top_p: allow only its top-p nucleus, or None.
+        mask_model: the masking model (default: the reference model).
+        mask_logits_fn: a function giving the masking logits instead of a model.
+        task: a registered task's name (``lmgym.tasks``; default ``"imdb"``).
+        **task_kwargs: the task factory's arguments; for ``"imdb"``, those of ``lmgym.task.ContinuationTask``:
+            model: the tokenizer's and, unless ``ref_model`` is given, the reference model: ``"smollm2-135m"``
+                (embedded), a local folder, a Hub id or a loaded ``PreTrainedModel``.
+            ref_model: the frozen reference pi_ref (same vocabulary as ``model``); None: ``model``.
+            tokenizer: a tokenizer to use instead of ``model``'s.
+            reward: ``"vader"``, a sequence classifier (local folder or Hub id), or a callable
+                ``list[str] -> array`` of scores.
+            positive_label: the classifier's positive class.
+            dataset: ``"bundled"``, ``"stanfordnlp/imdb"``, or a local csv/json/parquet with a ``text`` column.
+            split: ``"train"`` or ``"test"`` (for bundled and local files, test is every 10th prompt).
+            prompts: a list of prompts, instead of ``dataset``.
+            max_prompt_tokens: prompts are truncated to this many tokens.
+            max_new_tokens: the episode length limit.
+            device: where the reference model runs.
+
+    Raises:
+        ValueError: ``num_envs`` < 1, an unknown autoreset or render mode, or a bad mask option.
+        lmgym.assets.AssetUnavailableError: a model, reward or data set cannot be loaded.
+    """
+
     metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(
@@ -63,10 +98,6 @@ class IMDBContinuationVectorEnv(VectorEnv):
         task: str = "imdb",
         **task_kwargs,
     ):
-        """``step_ref_logits``: put pi_ref's logits and log-probs in every step's info; ``mask_*``:
-        the action masks (see the module docstring). ``task``: a registered task's name
-        (``lmgym.tasks``); the other keyword arguments go to its factory (for ``"imdb"``, those of
-        ``lmgym.task.ContinuationTask``)."""
         self.masker = ActionMasker(mask_top_k, mask_top_p, mask_model, mask_logits_fn)
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -208,7 +239,11 @@ class IMDBContinuationVectorEnv(VectorEnv):
         return self.task.observation(self.tokens), rewards, terminated, truncated, infos
 
     def action_masks(self) -> np.ndarray:
-        """bool ``(N, vocab)``: the tokens allowed at each sub-env's current observation."""
+        """The tokens allowed at each sub-env's current observation.
+
+        Returns:
+            bool ``(N, vocab)``, True where a token is allowed.
+        """
         if not self.started:
             raise RuntimeError("call reset() before action_masks()")
         if not self.masker.enabled:

@@ -185,6 +185,8 @@ def test_export_has_a_hub_model_card_and_still_loads(finished_run, tiny_lm_path)
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, pipeline
 
+    from agents.cli.formatting import rounded
+
     folder = finished_run / "policy"
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers" and card.data.license
@@ -193,7 +195,7 @@ def test_export_has_a_hub_model_card_and_still_loads(finished_run, tiny_lm_path)
     for expected in ("python -m agents.ppo_kl", "--iters 2", "`kl_coef` | 0.1", "eval/sentiment", "rollout/task_reward", "Code version", "lmgym-kl"):
         assert expected in text, expected
     final = metrics(finished_run)[-1]
-    assert f"| `eval/sentiment` | {final['eval/sentiment']} |" in text
+    assert f"| `eval/sentiment` | {rounded('eval/sentiment', final['eval/sentiment'])} |" in text
     exported = AutoModelForCausalLM.from_pretrained(folder)
     assert exported.config.vocab_size > 0
     generator = pipeline("text-generation", model=str(folder))

@@ -14,7 +14,9 @@ def test_every_generated_block_in_the_docs_equals_its_source():
 def test_the_tables_from_code_and_the_drop_in_example_are_generated():
     names = {source for path in docs_blocks.markdown_files() for source in docs_blocks.sources(path.read_text())}
     assert {"kl_estimators.info:markdown_table", "examples/grpo_kl.py", "tools.cli_reference:ppo_kl_flags",
-            "tools.study_tables:lm_study_table", "tools.study_tables:lm_study_paired_table"} <= names
+            "tools.study_tables:lm_study_table", "tools.study_tables:lm_study_paired_table",
+            "tools.install_table:extras_table", "tools.decision_box:which_estimator",
+            "tools.site_pages:changelog", "tools.site_pages:bibtex"} <= names
 
 
 def test_a_stale_block_is_rewritten_and_reported(tmp_path, monkeypatch):

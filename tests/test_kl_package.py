@@ -51,3 +51,23 @@ def test_imports_nothing_beyond_torch_and_the_standard_library():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_import_without_numpy_prints_no_warning():
+    """``pip install .`` brings torch without numpy; ``import torch`` then warns "Failed to initialize
+    NumPy". ``import kl_estimators`` (before torch) must print nothing, and still work."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class NoNumpy(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'numpy':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoNumpy())\n"
+        "import kl_estimators, torch\n"
+        "assert 'numpy' not in sys.modules\n"
+        "print(float(kl_estimators.analytic(torch.zeros(1, 3), torch.zeros(1, 3))[0]))\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0.0" and result.stderr == ""

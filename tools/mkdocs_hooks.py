@@ -35,13 +35,33 @@ def _root(config: MkDocsConfig) -> Path:
     return Path(config.config_file_path).resolve().parent
 
 
+# KaTeX renders the maths offline: its dist from npm (tools/katex, pinned in package-lock.json, put
+# there by ./dev.sh with `npm ci`) joins the site under assets/katex/; nothing comes from a CDN.
+KATEX_DIST = Path("tools/katex/node_modules/katex/dist")
+KATEX_FILES = ("katex.min.js", "katex.min.css", "contrib/auto-render.min.js")
+
+
+def katex_files(root: Path) -> list[Path]:
+    """The KaTeX files the site needs (script, style, auto-render, woff2 fonts), [] if not installed."""
+    dist = root / KATEX_DIST
+    if not all((dist / name).is_file() for name in KATEX_FILES):
+        return []
+    return [dist / name for name in KATEX_FILES] + sorted((dist / "fonts").glob("*.woff2"))
+
+
 def on_files(files: Files, config: MkDocsConfig) -> Files:
-    """Add the plots and tables of SITE_FOLDERS at their repository paths."""
+    """Add the plots and tables of SITE_FOLDERS at their repository paths, and KaTeX under assets/katex/."""
     root = _root(config)
     for folder in SITE_FOLDERS:
         for path in sorted((root / folder).rglob("*")):
             if path.suffix in SITE_SUFFIXES and path.is_file():
                 files.append(File(path.relative_to(root).as_posix(), str(root), config.site_dir, config.use_directory_urls))
+    found = katex_files(root)
+    if not found:
+        log.info("KaTeX is not installed (npm ci --prefix tools/katex): formulas show as TeX source")
+    for path in found:
+        dest = "assets/katex/" + path.relative_to(root / KATEX_DIST).as_posix()
+        files.append(File.generated(config, dest, abs_src_path=str(path)))
     return files
 
 

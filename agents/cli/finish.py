@@ -29,7 +29,7 @@ def finish(model: Any, args: Args, out: Path, tokenizer: Any, eval_env: LMGymVec
             print("finish: final evaluation", flush=True)
             rows[-1] = {**final, **evaluate(model.policy, eval_env, model.reference).metrics()}
             write_rows(out / METRICS, rows)
-    plot_curves(rows, out / CURVES, title=str(out))
+    plot_curves(rows, out / CURVES, title=out.name)
     state = {"iterations": model.n_iterations, "timesteps": model.num_timesteps}
     exported = exported_at(out / POLICY) or {}
     if {key: exported.get(key) for key in state} != state:

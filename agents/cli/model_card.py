@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from agents.cli.formatting import rounded
 from lmgym.assets import EMBEDDED_LM
 from agents.metrics import EVAL_PREFIX, EVAL_SENTIMENT, TIME_PREFIX
 
@@ -79,10 +80,17 @@ def _base_model(model: str) -> tuple[str | None, str]:
     return model, "other"
 
 
-def _table(rows: Mapping[str, Any]) -> str:
+def _table(rows: Mapping[str, Any], rounded_values: bool = False) -> str:
     lines = ["| | |", "|---|---|"]
-    lines.extend(f"| `{key}` | {value} |" for key, value in rows.items())
+    lines.extend(f"| `{key}` | {rounded(key, value) if rounded_values else value} |" for key, value in rows.items())
     return "\n".join(lines)
+
+
+def model_name(model: str) -> str:
+    """A readable name for ``model``: the embedded model's Hub name, a Hub id, or a local folder's name."""
+    if model == EMBEDDED_LM:
+        return EMBEDDED_BASE[0].split("/")[-1]
+    return Path(model).name if Path(model).exists() else model
 
 
 def model_card(args: Any, metrics: list[dict[str, str]], n_iterations: int, num_timesteps: int, command: list[str]) -> str:
@@ -109,7 +117,8 @@ def model_card(args: Any, metrics: list[dict[str, str]], n_iterations: int, num_
     )
     sections = [
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---",
-        f"# {Path(args.out).name}: {args.model} fine-tuned with PPO and a KL penalty",
+        f"# {model_name(args.model)} fine-tuned with PPO and a KL penalty ({estimator.split(' (')[0]})",
+        f"Run `{Path(args.out).name}`, exported after {n_iterations} iterations.",
         f"Trained with `python -m agents.ppo_kl` ({PACKAGE}) on IMDBContinuation-v0: continue a movie review "
         f"so that the reward model `{args.reward}` scores it positive, with a KL penalty of weight beta = "
         f"{args.kl_coef} to the base model. Weights: {licence_note}.",
@@ -120,8 +129,8 @@ def model_card(args: Any, metrics: list[dict[str, str]], n_iterations: int, num_
         f"```\npython -m agents.ppo_kl {shlex.join(command)}\n```\n\n"
         f"KL estimator: **{estimator}**. Exported after {n_iterations} PPO iterations ({num_timesteps} timesteps).\n\n"
         "Settings:\n\n" + _table(settings),
-        "## Final metrics\n\nTraining (last iteration):\n\n" + (_table(final) if final else "none recorded")
-        + "\n\nHeld-out evaluation (last evaluated iteration):\n\n" + (_table(evaluation) if evaluation else "none (--eval-every 0)"),
+        "## Final metrics\n\nTraining (last iteration):\n\n" + (_table(final, rounded_values=True) if final else "none recorded")
+        + "\n\nHeld-out evaluation (last evaluated iteration):\n\n" + (_table(evaluation, rounded_values=True) if evaluation else "none (--eval-every 0)"),
         f"## Code version\n\n{code_version()}",
     ]
     return "\n\n".join(sections) + "\n"

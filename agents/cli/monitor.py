@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from agents.metrics import APPROX_KL, CLIP_FRACTION, ENTROPY_LOSS, EVAL_PREFIX, EXPLAINED_VARIANCE, GEN_LENGTH, ITERATION_SECONDS, KL_ANALYTIC, KL_COEF, KL_IN_REWARD, KL_LOSS, LOSS, MASK_TOKENS, POLICY_GRADIENT_LOSS, ROLLOUT_TOKENS_PER_S, TASK_REWARD, TOKENS_PER_S, VALUE_LOSS
 from agents import distributed
+from agents.cli import formatting
 from agents.cli.run_dir import CURVES, METRICS, read_rows, save_checkpoint, write_rows
 from agents.cli.evaluation import evaluate
 from agents.cli.plots import plot_curves
@@ -111,7 +112,7 @@ class TrainingMonitor(BaseCallback):
                 self.model.logger.record(key, value)
         if iteration % self.save_every == 0 or iteration >= self.iters:
             save_checkpoint(self.model, self.out, self.run)
-        plot_curves(self.rows, self.out / CURVES, title=str(self.out))
+        plot_curves(self.rows, self.out / CURVES, title=Path(self.out).name)
         self._report(row)
 
     def _evaluate(self) -> dict[str, float]:
@@ -125,8 +126,7 @@ class TrainingMonitor(BaseCallback):
 
     def _report(self, row: dict[str, object]) -> None:
         def fmt(key: str, spec: str = "+.3f") -> str:
-            value = row.get(key)
-            return "-" if value is None else format(float(value), spec)
+            return formatting.fmt(key, row.get(key), spec)
 
         if self.bar is not None:
             self.bar.set_postfix(reward=fmt(TASK_REWARD), kl=fmt(KL_ANALYTIC, ".3f"))

@@ -110,9 +110,24 @@ def export_policy(model: PPOKL, tokenizer, out: Path, card: str | None = None) -
     return target
 
 
-def lock_run_dir(out: Path) -> IO[str]:
-    """Hold an exclusive lock on ``out`` for the life of this process (keep the returned file open);
-    ``RunDirError`` naming the holder's pid if another process holds it."""
+class RunLock:
+    """The open, locked ``--out/.lock``; ``close()`` removes the file, then releases the lock, so a
+    run that ends (cleanly or with an error) leaves no ``.lock`` behind. A killed process leaves the
+    file but not the lock (the OS releases it), which ``check_unlocked`` tells apart."""
+
+    def __init__(self, handle: IO[str], path: Path) -> None:
+        self.handle, self.path = handle, path
+
+    def close(self) -> None:
+        """Remove the lock file (while still holding the lock) and release it."""
+        if not self.handle.closed:
+            self.path.unlink(missing_ok=True)
+            self.handle.close()
+
+
+def lock_run_dir(out: Path) -> RunLock:
+    """Hold an exclusive lock on ``out`` for the life of this process (keep the returned lock until
+    the run ends, then ``close()`` it); ``RunDirError`` naming the holder's pid if another process holds it."""
     out.mkdir(parents=True, exist_ok=True)
     handle = (out / LOCK).open("a+")
     try:
@@ -128,7 +143,7 @@ def lock_run_dir(out: Path) -> IO[str]:
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    return handle
+    return RunLock(handle, out / LOCK)
 
 
 def check_unlocked(out: Path) -> None:

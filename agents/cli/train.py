@@ -192,6 +192,9 @@ def _train_locked(args: Args, out: Path, resume: bool, env: LMGymVecEnv, eval_en
         model.set_logger(Logger(folder=None, output_formats=[]))
         callback = distributed.IterationLimit(args.iters)
     remaining = max(args.iters - model.n_iterations, 0)
+    if not remaining and distributed.is_main():
+        print(f"--resume: the run in {out} has already finished its {args.iters} iterations; nothing to train "
+              f"(finishing any missing export; a larger --iters trains further)", file=sys.stderr)
     try:
         if remaining:
             model.learn(
