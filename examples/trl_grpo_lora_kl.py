@@ -1,7 +1,7 @@
 """A TRL GRPO script with LoRA, switched to this library's unbiased KL in 3 lines, each marked
 `# kl_estimators`. With PEFT the reference is TRL's: the same model with its adapters disabled.
 
-    pip install "lmgym-kl[frameworks]" peft
+    pip install ".[frameworks]" peft    # from a clone of lmgym-kl (not on the package index yet)
     python examples/trl_grpo_lora_kl.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 100
 """
 import argparse

@@ -51,7 +51,7 @@ def test_curves_have_no_empty_panels_without_evaluation(quiet_run):
 def test_plot_uses_integer_iteration_ticks(tmp_path):
     import matplotlib.pyplot as plt
 
-    from agents import plots
+    from agents.cli import plots
 
     rows = [{"iteration": 1, "rollout/task_reward": 0.1}, {"iteration": 2, "rollout/task_reward": 0.3}]
     created = []
