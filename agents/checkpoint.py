@@ -64,6 +64,9 @@ class ModelIdentity:
     model: str
     config_sha256: str
     vocab_size: int
+    # agents.fingerprint of the initial policy's and the reference model's weights (None: not recorded)
+    policy_sha256: str | None = None
+    reference_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,14 @@ class _Parser:
             model=self.string(self.get(raw, "model", f"{name}."), f"{name}.model"),
             config_sha256=self.string(self.get(raw, "config_sha256", f"{name}."), f"{name}.config_sha256"),
             vocab_size=self.count(self.get(raw, "vocab_size", f"{name}."), f"{name}.vocab_size"),
+            policy_sha256=self.optional_digest(raw.get("policy_sha256"), f"{name}.policy_sha256"),
+            reference_sha256=self.optional_digest(raw.get("reference_sha256"), f"{name}.reference_sha256"),
         )
+
+    def optional_digest(self, value: Any, name: str) -> str | None:
+        if value is not None and (not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+            raise self.fail(name, f"must be 64 hexadecimal characters, got {value!r}")
+        return value
 
     def optional_mapping(self, value: Any, name: str) -> dict[str, Any] | None:
         return None if value is None else self.mapping(value, name)
@@ -279,6 +289,8 @@ def _parse_header(metadata: Mapping[str, str], path: Path) -> CheckpointMeta:
         raw = json.loads(metadata[META_KEY])
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: the '{META_KEY}' metadata is not valid JSON ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: the '{META_KEY}' metadata is nested too deeply to be a checkpoint's") from None
     return parse_meta(raw, path)
 
 

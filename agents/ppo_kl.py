@@ -22,6 +22,7 @@ Data-parallel on W processes (``--n-envs`` per rank; rank 0 writes; see ``agents
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import pickle
@@ -43,6 +44,7 @@ from agents.device import DTYPES, cast_frozen
 from agents.finish import finish
 from agents.lora import share_base_as_reference
 from agents.monitor import TrainingMonitor
+from agents.ownership import check_claimable, check_out, claim
 from agents.run_dir import (
     ARGS,
     CHECKPOINT,
@@ -199,9 +201,10 @@ def resumes_checkpoint(args: Args, out: Path) -> bool:
 def train(args: Args) -> PPOKL:
     """Run (or resume) the training in ``args.out``: every check before anything in it is changed."""
     args = dataclasses.replace(args, device=distributed.init_from_env(args.device))
-    out = Path(args.out)
+    out = check_out(args.out)
     if distributed.is_main():
         check_unlocked(out)
+        check_claimable(out)
     resume = resumes_checkpoint(args, out)
     if resume:
         check_resumable(args, out)
@@ -235,6 +238,7 @@ def _train_locked(args: Args, out: Path, resume: bool, env: LMGymVecEnv, eval_en
     """Training with ``out`` locked and checked: the first function that writes into it."""
     run = dataclasses.asdict(args)
     if distributed.is_main():
+        claim(out)
         remove_stale_temporaries(out)
         rewind(out, model.n_iterations, model.num_timesteps)
         atomic_write(out / ARGS, lambda tmp: tmp.write_text(json.dumps(run, indent=2)))
@@ -269,21 +273,32 @@ def _interrupted(out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = None
     try:
+        args = parse_args(argv)
         train(args)
     except KeyboardInterrupt:
-        print(_interrupted(Path(args.out)), file=sys.stderr)
+        if args is None:
+            print("interrupted before the run started: nothing was written", file=sys.stderr)
+        else:
+            print(_interrupted(Path(args.out)), file=sys.stderr)
         return 130
     except pickle.UnpicklingError:
+        assert args is not None
         print(
             f"error: a pickled weight file (*.bin) of --model {args.model} or --reward {args.reward} holds more than "
             "tensors; unpickling it could run code, so torch.load(weights_only=True) refused it: use safetensors weights",
             file=sys.stderr,
         )
         return 2
-    except (OSError, ValueError, FloatingPointError, AssetUnavailableError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    except (OSError, ValueError, FloatingPointError, AssetUnavailableError, csv.Error) as error:
+        print(f"error: {' '.join(str(error).split())}"[:2000], file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("error: a file this run reads (--config, args.json or a model's JSON) is nested too deeply", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory: lower --n-envs, --max-new-tokens or --batch-size", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()
