@@ -71,6 +71,10 @@ def test_damaged_run_is_refused_in_one_line_or_completed(case, finished_run, tin
             lock.close()
     assert code == case.exit_code, err[-2000:]
     assert "Traceback" not in err
+    if case.id == "lock-symlink":
+        assert (out.parent / "precious").read_text() == "keep"
+    if case.id == "policy-symlink":
+        assert (out.parent / "elsewhere" / "model.safetensors").is_file()
     if case.exit_code == 2:
         last = one_line(err)
         assert "error:" in last and case.named in last, err
@@ -85,6 +89,11 @@ def test_damaged_run_is_refused_in_one_line_or_completed(case, finished_run, tin
         assert (out / "curves.png").read_bytes() == (finished_run / "curves.png").read_bytes() or (out / "curves.png").stat().st_size > 1000
     if case.id == "args-deleted":
         assert (out / "args.json").is_file()
+    if case.id == "user-files-kept":
+        assert (out / "notes.txt").read_text() == "mine" and (out / ".metrics.csv.backup").read_text() == "mine"
+    if case.id == "swap-leftover-symlink":
+        assert (out.parent / "outside").is_dir() and not os.path.lexists(out / ".policy.old")
+
 
 
 def test_locked_run_names_the_holder(finished_run, tiny_lm_path, tmp_path, capsys):
@@ -218,7 +227,7 @@ def test_model_card_front_matter_names_the_hub_base_model(model, base, licence, 
     assert front["ppokl"] == {"iterations": 4, "timesteps": 40, "kl_estimator": "analytic-future"}
     assert "python -m agents.ppo_kl --iters 4" in card
     (tmp_path / "README.md").write_text(card)
-    assert exported_at(tmp_path) == front["ppokl"]  # what --resume reads to tell a current export
+    assert exported_at(tmp_path) == front["ppokl"]  # the counts the folder was exported at
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
