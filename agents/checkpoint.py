@@ -195,6 +195,23 @@ class _Parser:
             state = self.get(raw, key, f"{name}.")
             if not isinstance(state, list) or len(state) != length:
                 raise self.fail(f"{name}.{key}", f"must be a list of {length} items")
+        # numpy's MT19937: (name, 624 32-bit keys, position in [0, 624], has_gauss, cached gaussian)
+        kind, keys, pos, has_gauss, cached = raw["numpy"]
+        words = isinstance(keys, list) and len(keys) == 624 and all(_is_int(k) and 0 <= k < 2**32 for k in keys)
+        if kind != "MT19937" or not words or not (_is_int(pos) and 0 <= pos <= 624) or has_gauss not in (0, 1) or not _is_number(cached):
+            raise self.fail(f"{name}.numpy", "must be an MT19937 state: ('MT19937', 624 keys < 2**32, position in [0, 624], 0 or 1, a number)")
+        # python's random: (version, 624 32-bit words + a position in [0, 624], gauss_next or None)
+        version, internal, gauss_next = raw["python"]
+        if not (
+            _is_int(version)
+            and isinstance(internal, list)
+            and len(internal) == 625
+            and all(_is_int(w) and 0 <= w < 2**32 for w in internal[:624])
+            and _is_int(internal[624])
+            and 0 <= internal[624] <= 624
+            and (gauss_next is None or _is_number(gauss_next))
+        ):
+            raise self.fail(f"{name}.python", "must be a state of python's random: (version, 625 integers, None or a number)")
         return raw
 
     def identity(self, value: Any, name: str) -> ModelIdentity | None:

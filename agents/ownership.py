@@ -28,6 +28,7 @@ FORMAT = "ppokl-run/1"
 # the top-level names a run writes (agents.run_dir); the lock and the manifest are its own too
 RUN_NAMES = ("checkpoint.safetensors", "metrics.csv", "args.json", "policy", "sb3_logs", "curves.png")
 _ALWAYS_OURS = (MANIFEST, ".lock")
+FOLDERS = ("policy", "sb3_logs")
 
 
 class OwnershipError(ValueError):
@@ -48,6 +49,8 @@ def check_out(value: str) -> Path:
     try:
         info = os.stat(path)
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise OwnershipError(f"--out {value} is a symlink to nothing: remove it or name a folder") from None
         return path
     except OSError as error:
         raise OwnershipError(f"--out {value}: {error.strerror}") from None
@@ -126,8 +129,15 @@ def check_claimable(out: Path) -> None:
         return
     created = set(manifest["created"]) if manifest is not None else set(RUN_NAMES)
     for name in RUN_NAMES:
-        if os.path.lexists(out / name) and name not in created:
-            raise OwnershipError(f"{out / name} was not written by the run in {out}: move it away (the run would replace it)")
+        path = out / name
+        if not os.path.lexists(path):
+            continue
+        if name not in created:
+            raise OwnershipError(f"{path} was not written by the run in {out}: move it away (the run would replace it)")
+        folder = name in FOLDERS
+        if path.is_symlink() or path.is_dir() != folder:
+            kind = "a folder" if folder else "a file"
+            raise OwnershipError(f"{path} is not {kind} written by this run (a symlink, or {'a file' if folder else 'a folder'}): move it away")
     check_policy_owned(out, manifest)
 
 
@@ -157,6 +167,10 @@ def claim(out: Path) -> dict[str, Any]:
     manifest = read_manifest(out)
     if manifest is None:
         manifest = {"format": FORMAT, "created": list(RUN_NAMES), "export": None}
+        policy = out / "policy"
+        if policy.is_dir() and not policy.is_symlink():  # a run from before manifests: its export is its own
+            files = {p.name: {"size": -1, "sha256": ""} for p in policy.iterdir()}
+            manifest["export"] = {"files": files, "iterations": -1, "timesteps": -1}  # owned, never current
         write_manifest(out, manifest)
     return manifest
 

@@ -22,13 +22,25 @@ Data-parallel on W processes (``--n-envs`` per rank; rank 0 writes; see ``agents
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
-import pickle
-import shlex
+import signal
 import sys
-from pathlib import Path
+
+
+def _interrupted_at_start(signum: int, frame: object) -> None:
+    """Ctrl-C while the modules below are imported: one line and exit 130, not a traceback."""
+    print("interrupted before the run started: nothing was written", file=sys.stderr)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":  # the handler main() replaces once the imports are done
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
+import shlex  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
@@ -273,6 +285,8 @@ def _interrupted(out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt from here on
     args = None
     try:
         args = parse_args(argv)

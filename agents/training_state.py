@@ -83,7 +83,7 @@ def _set_rng_state(tensors: Mapping[str, torch.Tensor], states: Mapping[str, Any
         random.setstate((version, tuple(internal), gauss_next))
     except KeyError as error:
         raise CheckpointError(f"{path}: missing tensor {error}") from None
-    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+    except (TypeError, ValueError, RuntimeError, OverflowError, IndexError) as error:
         raise CheckpointError(f"{path}: field 'rng' is not a valid RNG state ({' '.join(str(error).split())})") from None
 
 

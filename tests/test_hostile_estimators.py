@@ -187,3 +187,51 @@ def test_top_p_out_of_range_is_a_value_error(bad):
 
 def test_estimators_package_exports_the_controllers():
     assert kl_estimators.AdaptiveKLController is AdaptiveKLController
+
+
+# ---------------------------------------------------------------- a grid of hostile batches
+
+SHAPES = {"empty-batch": (0, 3, 5), "empty-time": (2, 0, 5), "one-token-vocab": (2, 3, 1), "plain": (2, 3, 5)}
+BATCHES = ["plain", "all-masked", "huge-logits", "ref-masked-vocab", "far-off-policy", "bf16"]
+
+
+def _hostile(shape_name: str, kind: str):
+    b, t, v = SHAPES[shape_name]
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(b, t, v, generator=g) * (1e4 if kind == "huge-logits" else 1.0)
+    ref_logits = torch.randn(b, t, v, generator=g)
+    if kind == "ref-masked-vocab" and v > 1:
+        ref_logits[..., 1:] = -math.inf  # pi_ref puts all its mass on token 0
+    tokens = torch.zeros(b, t, dtype=torch.long)  # token 0: in every support
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    logits = logits.to(dtype).requires_grad_()
+    logprobs = logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    ref_logprobs = ref_logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    behaviour = logprobs.detach() + (30.0 if kind == "far-off-policy" else 0.5)
+    mask = torch.zeros(b, t, dtype=torch.bool) if kind == "all-masked" else torch.ones(b, t, dtype=torch.bool)
+    return logits, ref_logits.to(dtype), logprobs, ref_logprobs, behaviour, mask
+
+
+@pytest.mark.parametrize("kind", BATCHES)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("estimator", kl_estimators.ESTIMATORS)
+def test_every_estimator_on_hostile_batches_is_finite_or_refused(estimator, shape_name, kind):
+    """The sequence loss and its gradient are finite, or the call is a ValueError; never NaN
+    (+inf only where the documented KL is +inf: pi outside pi_ref's support)."""
+    from kl_estimators import ESTIMATOR_INFO, sequence_kl_loss
+
+    logits, ref_logits, logprobs, ref_logprobs, behaviour, mask = _hostile(shape_name, kind)
+    info = ESTIMATOR_INFO[estimator]
+    kwargs = {"behaviour_logprobs": behaviour} if info.uses_behaviour else {}
+    if info.needs_logits:
+        kwargs.update(logits=logits, ref_logits=ref_logits)
+    if info.uses_behaviour or kind == "far-off-policy":
+        kwargs["weight_clip"] = 10.0
+    try:
+        loss = sequence_kl_loss(estimator, logprobs, ref_logprobs, mask, **kwargs)
+    except ValueError:
+        return
+    assert not torch.isnan(loss), (estimator, shape_name, kind)
+    if torch.isfinite(loss) and loss.requires_grad:
+        loss.backward()
+        assert logits.grad is None or not torch.isnan(logits.grad).any()
