@@ -23,6 +23,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from agents.atomic import atomic_write
+
 MANIFEST = ".ppokl-run.json"
 FORMAT = "ppokl-run/1"
 # the top-level names a run writes (agents.run_dir); the lock and the manifest are its own too
@@ -98,8 +100,6 @@ def _valid_export(export: Any) -> bool:
 
 def write_manifest(out: Path, data: dict[str, Any]) -> None:
     """Write the manifest atomically (a temporary beside it, renamed over it)."""
-    from agents.run_dir import atomic_write  # run_dir imports this module
-
     atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
 
 

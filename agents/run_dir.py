@@ -12,17 +12,15 @@ import csv
 import errno
 import fcntl
 import os
-import re
 import shutil
 import stat
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 from stable_baselines3.common.logger import CSVOutputFormat, Logger, make_output_format
 
+from agents.atomic import atomic_write, is_temporary
 from agents.ownership import MANIFEST, check_policy_owned, describe_folder, read_manifest, record_export
 from agents.training_state import save_ppokl
 
@@ -45,30 +43,6 @@ class RunDirError(ValueError):
     """A run directory that cannot be used as it is: locked by another run, or a malformed file."""
 
 
-TEMPORARY_MARK = ".tmp-"  # in every temporary's name: .NAME.tmp-XXXXXXXX[SUFFIX]
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMPORARY_MARK}", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _is_temporary(name: str, of: str) -> bool:
-    """Whether ``name`` is a temporary ``atomic_write`` makes for the file ``of`` (mkstemp's 8
-    characters between the mark and the suffix), and nothing else (a user's ``.metrics.csv.backup``)."""
-    suffix = Path(of).suffix
-    return re.fullmatch(re.escape(f".{of}{TEMPORARY_MARK}") + r"[a-z0-9_]{8}" + re.escape(suffix), name) is not None
-
-
 def _remove(path: Path) -> None:
     """Remove a file, a symlink (not what it points to) or a folder."""
     if path.is_symlink() or not path.is_dir():
@@ -88,7 +62,7 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
         for folder in (out, out / SB3_LOGS)
         if folder.is_dir() and not folder.is_symlink()
         for entry in os.listdir(folder)
-        if any(_is_temporary(entry, name) for name in names)
+        if any(is_temporary(entry, name) for name in names)
     ]
     stale.extend(path for path in _policy_aside(out) if os.path.lexists(path))
     for path in stale:

@@ -365,10 +365,10 @@ def _run_study_locked(options: argparse.Namespace, base: Args, prompts: list[str
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    if options.report:
-        write_report(options.results, VARIANTS)
-        return 0
     try:
+        if options.report:
+            write_report(options.results, VARIANTS)
+            return 0
         failed = run_study(options)
     except (ValueError, OSError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)

@@ -180,12 +180,12 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_resumes_exactly(fin
 
 
 def test_read_only_out_is_one_line(tiny_lm_path, tmp_path, capsys, monkeypatch):
-    import agents.run_dir as run_dir
+    import agents.atomic as atomic
 
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run"))
 
-    monkeypatch.setattr(run_dir.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
     code, err = run_main(tiny_run_flags(tiny_lm_path, tmp_path / "run", 1), capsys)
     assert code == 2 and "Read-only file system" in one_line(err), err
 

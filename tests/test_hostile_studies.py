@@ -115,3 +115,13 @@ def test_two_studies_on_one_study_dir_the_second_is_refused(tmp_path, tiny_lm_pa
         code = study_lm.main(["--config", str(config), "--study-dir", str(study_dir), "--results", str(tmp_path / "r"), "--seeds", "0", "--betas", "0.1", "--variants", "k1"])
     assert code == 2 and "in use" in capsys.readouterr().err
     assert json.dumps(sorted(p.name for p in study_dir.iterdir())) == json.dumps([".lock"])
+
+
+@pytest.mark.parametrize("content", [b"{", b"\xff", b"[" * 100_000])
+def test_study_lm_report_names_a_truncated_result_file(content, tmp_path, capsys):
+    (tmp_path / "per_run").mkdir()
+    bad = tmp_path / "per_run" / "s0-k1-b0.1.json"
+    bad.write_bytes(content)
+    assert study_lm.main(["--results", str(tmp_path), "--report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0], err

@@ -3,7 +3,6 @@
 ``policy/`` and its completeness, the model's fingerprint, and no SB3 folder in the temp dir."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
