@@ -43,6 +43,7 @@ import shlex  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gymnasium as gym
+import torch
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.logger import Logger
 
@@ -313,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except MemoryError:
         print("error: out of memory: lower --n-envs, --max-new-tokens or --batch-size", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # torch's allocators report running out of memory as RuntimeError
+        if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
+            raise
+        print(f"error: out of memory ({' '.join(str(error).split())[:200]}): lower --n-envs, --max-new-tokens or --batch-size", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()

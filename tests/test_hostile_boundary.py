@@ -85,11 +85,16 @@ def test_full_disk_reported_by_safetensors_is_one_line(own_model, tmp_path, caps
     assert code == 2 and "checkpoint.safetensors" in one_line(err) and "No space left" in err
 
 
-def test_out_of_memory_is_one_line(own_model, tmp_path, capsys, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 400000000000 bytes")],
+    ids=["MemoryError", "torch-cpu-allocator"],
+)
+def test_out_of_memory_is_one_line(error, own_model, tmp_path, capsys, monkeypatch):  # noqa: F811
     import agents.ppo_kl as ppo_kl
 
     def oom(args):
-        raise MemoryError
+        raise error
 
     monkeypatch.setattr(ppo_kl, "make_envs", oom)
     code, err = run_main(tiny_run_flags(str(own_model), tmp_path / "run", 1), capsys)
