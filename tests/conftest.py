@@ -54,8 +54,12 @@ TINY_PROMPTS = [
 ]
 
 
+# pytest's own basetemps, and torch's compile cache (meant to outlive a session, like pytest's)
+_KEPT_PREFIXES = ("pytest-of-", "torchinductor_")
+
+
 def _temp_entries() -> set[str]:
-    return {name for name in os.listdir(SUITE_TMP) if not name.startswith("pytest-of-")}
+    return {name for name in os.listdir(SUITE_TMP) if not name.startswith(_KEPT_PREFIXES)}
 
 
 @pytest.fixture(scope="session", autouse=True)
