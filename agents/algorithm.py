@@ -42,6 +42,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger, make_output_format
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -65,6 +66,7 @@ from agents import distributed
 from agents.rollout.buffer import SequenceBatch, SequenceRolloutBuffer
 from agents.rollout.masking import EnvMasks, NucleusMasks, env_masks_enabled, frozen_copy, masked_entropy, masked_logits, sync_masking_policy
 from agents.options import UNSTORED_ARGUMENTS, check_options
+from agents.state.fingerprint import weights_fingerprint
 from agents.policy import CausalLMPolicy
 from agents.rollout.reference import Reference, linear_logits
 from agents.rollout.sampling import sample_episodes, trim_left_padding
@@ -272,6 +274,19 @@ class PPOKL(PPO):
         self.kl_controller = self.make_kl_controller(self.kl_coef)
         self.n_iterations = 0
         self.rollout_stats: dict[str, float] = {}
+        # the weights the run started from, which a checkpoint records (agents.fingerprint)
+        reference = self.env.get_attr("task")[0].ref_model if self.env is not None else None
+        self.model_fingerprints = {
+            "policy": weights_fingerprint(self.policy.lm),
+            "reference": weights_fingerprint(reference) if reference is not None else None,
+        }
+
+    def _setup_learn(self, *args: Any, **kwargs: Any) -> Any:
+        """SB3's set-up of ``learn``, with a logger of this model's own when none was set: SB3's
+        default would create an ``SB3-<timestamp>`` folder in the system temp directory."""
+        if not self._custom_logger and self.tensorboard_log is None:
+            self.set_logger(Logger(folder=None, output_formats=[make_output_format("stdout", "")] if self.verbose >= 1 else []))
+        return super()._setup_learn(*args, **kwargs)
 
     def use_reference(self, model: torch.nn.Module) -> None:
         """Take the KL to ``model`` from now on (e.g. the LoRA policy's own base, ``agents.lora``)."""

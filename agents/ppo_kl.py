@@ -22,18 +22,40 @@ Data-parallel on W processes (``--n-envs`` per rank; rank 0 writes; see ``agents
 """
 from __future__ import annotations
 
+import signal
 import sys
-
-from agents.cli.config import parse_args
 
 __all__ = ["main"]
 
+_NOTHING_WRITTEN = "interrupted before the run started: nothing was written"
+
+
+def _interrupted_at_start(signum: int, frame: object) -> None:
+    """Ctrl-C while the modules are imported: one line and exit 130, not a traceback."""
+    print(_NOTHING_WRITTEN, file=sys.stderr)
+    raise SystemExit(130)
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the flags (exit 2 on a bad one, before any model library loads), then train."""
-    args = parse_args(argv)
-    from agents.cli.train import run  # torch, transformers and SB3 load here
+    """Parse the flags (exit 2 on a bad one, before any model library loads), then train.
 
+    Args:
+        argv: the command line without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0, 2 after a one-line error, 130 after Ctrl-C.
+    """
+    previous = signal.signal(signal.SIGINT, _interrupted_at_start)
+    try:
+        from agents.cli.config import parse_args
+
+        args = parse_args(argv)
+        from agents.cli.train import run  # torch, transformers and SB3 load here
+    except RecursionError:
+        print("error: the --config file is nested too deeply", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Ctrl-C is KeyboardInterrupt from here on
     return run(args)
 
 

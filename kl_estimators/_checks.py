@@ -5,6 +5,8 @@ Every check raises ``ValueError`` naming the offending argument; nothing is broa
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -50,3 +52,18 @@ def check_positive_int(name: str, value: int) -> None:
     """Require ``value`` to be an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None, open_low: bool = False) -> float:
+    """``value`` as a float once it is a real number (not bool), finite, and in the range
+    [low, high] (``open_low``: (low, high]); ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (number <= low if open_low else number < low):
+        raise ValueError(f"{name} must be {'>' if open_low else '>='} {low}, got {value!r}")
+    if high is not None and number > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    return number

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from kl_estimators._checks import check_number
+
 
 class FixedKLController:
     """A constant KL coefficient beta.
@@ -16,9 +18,7 @@ class FixedKLController:
     """
 
     def __init__(self, kl_coef: float) -> None:
-        if not (math.isfinite(kl_coef) and kl_coef >= 0):
-            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
-        self._value = float(kl_coef)
+        self._value = check_number("kl_coef", kl_coef, low=0.0)
 
     @property
     def value(self) -> float:
@@ -41,29 +41,26 @@ class FixedKLController:
 class AdaptiveKLController:
     """Proportional control of beta towards a target KL.
 
-    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * max(0, 1 + e * n_steps / horizon).
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon).
 
-    The factor is floored at 0 so that beta never turns negative (it could once n_steps > 5 horizon).
+    The factor is positive only while n_steps / horizon < 1 / 0.2 = 5: a larger step is refused
+    (``ValueError``), since beta would turn negative and the KL be rewarded.
 
     Args:
         init_kl_coef: the initial beta, finite and >= 0.
         target: the KL to steer towards, finite and > 0 (in the units of the ``current_kl`` passed to ``update``).
-        horizon: finite and > 0; each update multiplies beta by max(0, 1 + e * n_steps / horizon), with e the clipped error.
+        horizon: finite and > 0; each update multiplies beta by 1 + e * n_steps / horizon, with e the clipped error.
 
     Raises:
         ValueError: an argument is out of its range.
     """
 
+    MAX_STEP_FRACTION = 5.0  # n_steps / horizon below which 1 + e n_steps / horizon > 0 for |e| <= 0.2
+
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
-        if not (math.isfinite(init_kl_coef) and init_kl_coef >= 0):
-            raise ValueError(f"init_kl_coef must be a finite number >= 0, got {init_kl_coef!r}")
-        if not (math.isfinite(target) and target > 0):
-            raise ValueError(f"target must be a finite number > 0, got {target!r}")
-        if not (math.isfinite(horizon) and horizon > 0):
-            raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
-        self._value = float(init_kl_coef)
-        self.target = float(target)
-        self.horizon = float(horizon)
+        self._value = check_number("init_kl_coef", init_kl_coef, low=0.0)
+        self.target = check_number("target", target, low=0.0, open_low=True)
+        self.horizon = check_number("horizon", horizon, low=0.0, open_low=True)
 
     @property
     def value(self) -> float:
@@ -81,12 +78,17 @@ class AdaptiveKLController:
             The new beta.
 
         Raises:
-            ValueError: ``current_kl`` is NaN or ``n_steps`` is negative.
+            ValueError: ``current_kl`` is NaN, or ``n_steps`` is negative or >= 5 x horizon.
         """
         if math.isnan(current_kl):
             raise ValueError("current_kl must not be NaN")
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps!r}")
+        if n_steps >= self.MAX_STEP_FRACTION * self.horizon:
+            raise ValueError(
+                f"n_steps {n_steps} must be < 5 x horizon ({self.horizon:g}): the factor 1 + e n_steps / horizon "
+                "would reach 0 or below and beta turn negative; use a larger horizon"
+            )
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self._value *= max(0.0, 1.0 + error * n_steps / self.horizon)
+        self._value *= 1.0 + error * n_steps / self.horizon
         return self._value

@@ -23,14 +23,13 @@ where p > 0 = q (with a zero gradient), and masked positions give 0 with a zero 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from kl_estimators._checks import check_mask, check_ndim, check_positive_int, upcast
+from kl_estimators._checks import check_mask, check_ndim, check_number, check_positive_int, upcast
 from kl_estimators._support import row_chunks, support_log_ratio
 
 # Elements of one [chunk, V] block when ``chunk_size`` is None: 2^24 float32 = 64 MiB per block; the
@@ -43,7 +42,7 @@ class LinearLogits:
     """Logits (hidden @ weight^T + bias) / temperature, given by their factors and never materialised.
 
     ``hidden`` [B, T, d], ``weight`` [V, d] (an output layer's, tied to the embedding or not),
-    ``bias`` [V] or None, ``temperature`` > 0. Pass one per model where the KL functions take
+    ``bias`` [V] or None (not -inf everywhere: no support), ``temperature`` > 0 and finite. Pass one per model where the KL functions take
     [B, T, V] logits (``fused_kl``, ``per_token_kl_loss``, ``sequence_kl_loss``).
 
     Args:
@@ -70,8 +69,9 @@ class LinearLogits:
             )
         if self.bias is not None and tuple(self.bias.shape) != (self.weight.shape[0],):
             raise ValueError(f"bias must be [V] = [{self.weight.shape[0]}], got {tuple(self.bias.shape)}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not 0 < self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        check_number("temperature", self.temperature, low=0.0, open_low=True)
+        if self.bias is not None and bool(torch.isneginf(self.bias).all()):
+            raise ValueError("bias is -inf for every token: the logits have no support (no distribution to take a KL of)")
 
     @property
     def shape(self) -> torch.Size:

@@ -228,7 +228,8 @@ def per_token_kl_loss(
     divided by a constant (a batch token-sum or token-mean), not for per-sequence length
     normalisation. ``importance``: "token" or "sequence" importance weighting of an estimator that
     ignores mu; ``weight_clip``: c (min(w, c)) or (lo, hi) on every importance weight;
-    ``chunk_size``: rows per chunk of ``analytic`` or ``fused_kl``.
+    ``chunk_size``: rows per chunk of ``analytic`` or ``fused_kl``. A term that would be NaN (a +inf
+    KL met by a straight-through or a zero weight, an overflowed log-ratio) is a ``ValueError``.
 
     Args:
         estimator: one of ``ESTIMATORS`` (see ``ESTIMATOR_INFO`` for what its expected gradient equals).
@@ -251,7 +252,7 @@ def per_token_kl_loss(
 
     Raises:
         ValueError: an unknown estimator or importance, mismatched shapes, missing or superfluous
-            logits, or a sampled token with zero probability under mu.
+            logits, a sampled token with zero probability under mu, or a term that would be NaN.
     """
     _check_inputs(estimator, logprobs, ref_logprobs, mask, logits, ref_logits, behaviour_logprobs, importance, kl)
     check_weight_clip(weight_clip)
@@ -271,6 +272,12 @@ def per_token_kl_loss(
         terms = terms * weight(batch.log_rho, weight_clip, differentiable=False)
     elif importance == "sequence":
         terms = terms * weight(batch.log_rho.sum(-1, keepdim=True), weight_clip, differentiable=False)
+    nan = torch.isnan(terms.detach())
+    if bool(nan.any()):  # inf - inf or 0 * inf inside an estimator: refused, never returned
+        raise ValueError(
+            f"{estimator}: the loss is NaN at {int(nan.sum())} token(s): a KL term there is +inf (pi puts mass "
+            "outside pi_ref's support) or a log-ratio overflowed; mask those positions or pass weight_clip"
+        )
     return terms
 
 

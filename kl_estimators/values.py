@@ -90,12 +90,16 @@ def k3(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor | None = None)
 def _row_log_probs(
     logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-softmax of [N, V] rows; rows where ``mask`` is False become uniform vs uniform (KL 0)."""
+    """Log-softmax of [N, V] rows; rows where ``mask`` is False become uniform vs uniform (KL 0).
+    A row of ``logits_q`` that is -inf everywhere (no support) has log q = -inf everywhere (so the
+    KL is +inf there), not the NaN of its log-softmax; ``logits_p`` has no such row (``analytic``)."""
     logits_p, logits_q = upcast(logits_p), upcast(logits_q)
     if mask is not None:
         keep = mask.unsqueeze(-1)
         logits_p, logits_q = torch.where(keep, logits_p, 0.0), torch.where(keep, logits_q, 0.0)
-    return logits_p.log_softmax(-1), logits_q.log_softmax(-1)
+    empty_q = torch.isneginf(logits_q).all(-1, keepdim=True)
+    logq = torch.where(empty_q, 0.0, logits_q).log_softmax(-1)
+    return logits_p.log_softmax(-1), torch.where(empty_q, -torch.inf, logq)
 
 
 def _kl_from_log_probs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -162,7 +166,8 @@ def analytic(
     """Exact KL(softmax(logits_p) || softmax(logits_q)) = sum_v p_v (log p_v - log q_v), reducing ``dim``.
 
     -inf logits (masked vocabulary) are allowed: entries with p = 0 contribute 0, and the KL is
-    +inf where p > 0 = q. Gradients are finite wherever the KL is finite:
+    +inf where p > 0 = q (so +inf where every logit of q is -inf); a position where every logit
+    of p is -inf (p has no support) is a ``ValueError``, unless ``mask`` is False there. Gradients are finite wherever the KL is finite:
     d KL / d logits_p = p * (log p - log q - KL), d KL / d logits_q = q - p.
     ``mask`` has the shape of the result; where it is False the KL is 0 with zero gradient.
     ``chunk_size=N`` processes N positions (rows of the flattened leading dims) at a time in
@@ -199,6 +204,14 @@ def analytic(
     rows_p = logits_p.movedim(dim, -1).reshape(-1, vocab)
     rows_q = logits_q.movedim(dim, -1).reshape(-1, vocab)
     row_mask = None if mask is None else mask.reshape(-1)
+    empty_p = torch.isneginf(rows_p).all(-1) if vocab else torch.ones(rows_p.shape[0], dtype=torch.bool, device=rows_p.device)
+    if row_mask is not None:
+        empty_p &= row_mask
+    if bool(empty_p.any()):
+        raise ValueError(
+            f"logits_p is -inf at every token in {int(empty_p.sum())} position(s) (no support: not a distribution); "
+            "mask those positions out"
+        )
     if chunk_size is None:
         kl = _kl_from_log_probs(*_row_log_probs(rows_p, rows_q, row_mask))
     else:

@@ -30,18 +30,26 @@ from kl_estimators._checks import upcast
 WeightClip = float | tuple[float, float] | None
 
 
+# The largest clip: weights are computed in float32 at least, whose largest finite value this is.
+MAX_WEIGHT_CLIP = float(torch.finfo(torch.float32).max)
+
+
 def check_weight_clip(weight_clip: WeightClip) -> None:
-    """ValueError unless ``weight_clip`` is None, a float c > 0, or a pair 0 <= lo <= hi (hi > 0)."""
+    """ValueError unless ``weight_clip`` is None, a finite float 0 < c <= ``MAX_WEIGHT_CLIP``, or a
+    pair 0 <= lo <= hi <= ``MAX_WEIGHT_CLIP`` (hi > 0)."""
     if weight_clip is None:
         return
+
+    def fits(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 <= x <= MAX_WEIGHT_CLIP
+
     if isinstance(weight_clip, tuple) and len(weight_clip) == 2:
         lo, hi = weight_clip
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (lo, hi)) and 0 <= lo <= hi and hi > 0:
+        if fits(lo) and fits(hi) and lo <= hi and hi > 0:
             return
-    elif isinstance(weight_clip, (int, float)) and not isinstance(weight_clip, bool):
-        if weight_clip > 0 and not math.isnan(weight_clip):
-            return
-    raise ValueError(f"weight_clip must be None, a float c > 0 or a pair (lo, hi) with 0 <= lo <= hi, got {weight_clip!r}")
+    elif fits(weight_clip) and weight_clip > 0:
+        return
+    raise ValueError(f"weight_clip must be None, a float c > 0 or a pair (lo, hi) with 0 <= lo <= hi, (finite, at most {MAX_WEIGHT_CLIP:.4g}), got {weight_clip!r}")
 
 
 def token_log_ratios(

@@ -8,7 +8,8 @@ state. For logits z with softmax probabilities p sorted in decreasing order p_(1
   probable token is always kept, and m = V at p = 1);
 - both together keep the intersection (top-p computed on the full distribution), never empty.
 
-Ties at the boundary are broken by ``torch.sort`` (stable, lower token id first). The masking
+Ties at the boundary are broken by ``torch.sort`` (stable, lower token id first). The masses are
+summed in float64, p = 1 keeps every token and the most probable token is kept for any p > 0. The masking
 distribution is the reference model's by default (``ActionMasker(top_k, top_p)``), or a
 caller-supplied ``model`` (a causal LM run on the observation) or ``logits_fn``
 (``(input_ids, attention_mask) -> [N, V]`` logits at the last position).
@@ -54,14 +55,16 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: int | None = None, top_p: floa
     keep = torch.ones_like(logits, dtype=torch.bool)
     if top_k is None and top_p is None:
         return keep
-    order = torch.sort(logits.float(), dim=-1, descending=True, stable=True)
+    order = torch.sort(logits.double(), dim=-1, descending=True, stable=True)
     rank_keep = torch.ones_like(keep)
     if top_k is not None:
         rank_keep &= torch.arange(logits.shape[-1], device=logits.device) < top_k
-    if top_p is not None:
-        probs = order.values.softmax(-1)
+    if top_p is not None and top_p < 1:  # p = 1 keeps every token, however the mass rounds
+        probs = order.values.softmax(-1)  # float64: the sums below do not lose the tail's mass
         mass_before = probs.cumsum(-1) - probs  # mass of the strictly more probable tokens
-        rank_keep &= mass_before < top_p
+        rank_keep &= mass_before < torch.tensor(top_p, dtype=torch.float64, device=logits.device)
+    if logits.shape[-1]:
+        rank_keep[..., 0] = True  # the most probable token, whatever p (a p below float resolution too)
     return torch.zeros_like(keep).scatter(-1, order.indices, rank_keep)
 
 

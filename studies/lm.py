@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -36,7 +37,8 @@ import torch
 
 from agents.metrics import ITERATION_SECONDS, KL_ANALYTIC, TASK_REWARD
 from agents.cli.config import Args, parse_args
-from agents.cli.run_dir import CHECKPOINT, METRICS, POLICY, atomic_write, read_rows
+from agents.cli.ownership import claim
+from agents.cli.run_dir import CHECKPOINT, METRICS, POLICY, atomic_write, check_unlocked, lock_run_dir, read_rows
 from lmgym.assets import load_causal_lm
 from lmgym.prompts import HELD_OUT, load_prompts
 from lmgym.task import ContinuationTask
@@ -137,8 +139,10 @@ def train(config: Path, run: Run, iters: int | None, out: Path) -> bool:
     """Train (or continue) one run in ``out``; False if the subprocess failed (its log is kept)."""
     resume = (out / CHECKPOINT).is_file()
     if not resume and out.exists():
+        check_unlocked(out)  # RunDirError if a run is training there now
         shutil.rmtree(out)  # killed before its first checkpoint: nothing to continue from
     out.mkdir(parents=True, exist_ok=True)
+    claim(out)  # the run's manifest first: the log below is the study's, in the run's folder
     command = [sys.executable, "-m", "agents.ppo_kl", *run_args(config, run, iters, out, resume)]
     start = time.perf_counter()
     with (out / TRAIN_LOG).open("a") as log:
@@ -278,8 +282,20 @@ def run_study(options: argparse.Namespace) -> int:
         value = getattr(options, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("betas", "seeds"):
+        bad = [value for value in getattr(options, name) if not (math.isfinite(value) and value >= 0)]
+        if bad:
+            raise ValueError(f"--{name} must be finite and >= 0, got {bad}")
     base = check_config(options.config)
     prompts = held_out_prompts(base, options.eval_prompts)
+    lock = lock_run_dir(options.study_dir)  # before anything in it is deleted; held until the end
+    try:
+        return _run_study_locked(options, base, prompts)
+    finally:
+        lock.close()
+
+
+def _run_study_locked(options: argparse.Namespace, base: Args, prompts: list[str]) -> int:
     runs_dir = options.results / RUN_RESULTS
     reference = options.results / "reference.json"
     if not reference.is_file():
@@ -328,13 +344,13 @@ def run_study(options: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    if options.report:
-        write_report(options.results, VARIANTS)
-        return 0
     try:
+        if options.report:
+            write_report(options.results, VARIANTS)
+            return 0
         failed = run_study(options)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     if failed:
         print(f"{failed} run(s) failed; rerun the same command to retry them", file=sys.stderr)

@@ -12,13 +12,15 @@ with the same sampling seed, so the per-seed difference removes what the two run
 """
 from __future__ import annotations
 
-import json
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from studies.cli_checks import read_json
 
 RUN_RESULTS = "per_run"  # not "runs": .gitignore ignores every runs/ folder (checkpoints)
 TABLE = "table.md"
@@ -219,9 +221,9 @@ def plot_pareto(cells: list[Cell], labels: Mapping[str, str], reference: Mapping
 
 
 def load_records(results: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    records = [json.loads(path.read_text()) for path in sorted((results / RUN_RESULTS).glob("*.json"))]
+    records = [read_json(path) for path in sorted((results / RUN_RESULTS).glob("*.json"))]
     reference_path = results / "reference.json"
-    reference = json.loads(reference_path.read_text()) if reference_path.is_file() else None
+    reference = read_json(reference_path) if os.path.lexists(reference_path) else None
     return records, reference
 
 

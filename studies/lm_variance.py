@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 import kl_estimators
+from studies.cli_checks import FolderLock, check_out, number, number_list, run_cli
 from lmgym.assets import load_causal_lm
 from lmgym.decoding import decode_in_lockstep
 from lmgym.task import ContinuationTask, log_prob
@@ -192,12 +193,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.lm_variance", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("runs/lm_variance"), help="the policies' run folders")
     parser.add_argument("--out", type=Path, default=Path("results/lm_variance"))
-    parser.add_argument("--betas", type=lambda s: [float(x) for x in s.split(",")], default=list(BETAS), help="trained policies to measure")
-    parser.add_argument("--sequences", type=int, default=200, help="independent sequences (batches of one) per policy and regime")
-    parser.add_argument("--reference-sequences", type=int, default=40, help="sequences at pi = pi_ref (every estimator but k1-loss is 0 there)")
-    parser.add_argument("--chunk", type=int, default=20, help="sequences sampled together (one forward batch)")
+    parser.add_argument("--betas", type=number_list(float, "--betas", 0.0, open_low=True), default=list(BETAS), help="trained policies to measure")
+    parser.add_argument("--sequences", type=number(int, "--sequences", 2), default=200, help="independent sequences (batches of one) per policy and regime")
+    parser.add_argument("--reference-sequences", type=number(int, "--reference-sequences", 2), default=40, help="sequences at pi = pi_ref (every estimator but k1-loss is 0 there)")
+    parser.add_argument("--chunk", type=number(int, "--chunk", 1), default=20, help="sequences sampled together (one forward batch)")
     parser.add_argument("--report", action="store_true", help="only regenerate the summary and plots")
     options = parser.parse_args(argv)
+    try:
+        check_out(options.out)
+    except ValueError as error:
+        parser.error(str(error))
+    return run_cli(lambda: _main_checked(options))
+
+
+def _main_checked(options: argparse.Namespace) -> int:
+    with FolderLock(options.out):
+        return _measure_and_report(options)
+
+
+def _measure_and_report(options: argparse.Namespace) -> int:
     if not options.report:
         for name in policy_names(options.betas)[1:]:
             if not (options.root / name / BEHAVIOUR).is_dir():

@@ -28,10 +28,12 @@ noise-corrected statistics by about trace / n, which this recentring removes).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
+from studies.cli_checks import read_json
 from studies.lm_variance_records import load_raw
 from studies.moments_report import crossover
 
@@ -104,7 +106,7 @@ def summarise(path: Path) -> dict:
 
 def load_summaries(folder: Path = RESULTS) -> list[dict]:
     path = folder / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    return read_json(path) if os.path.lexists(path) else []
 
 
 def _fmt(x: float) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import kl_estimators
 from agents.cli.run_dir import atomic_write
+from studies.cli_checks import FolderLock, check_out, number_list, run_cli
 from studies.moments_exact import Problem, exact_moments
 from studies.moments_grid import BASE, CLIP_STALENESS, CLIPPED, CLIPS, OFF_POLICY_VARIANTS, SEEDS, STALENESS, label, unbiased
 from studies.tabular_model import make_instance
@@ -154,15 +155,23 @@ def run(out: Path, seeds: tuple[int, ...]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.moments", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/moments"), help="results folder")
-    parser.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=SEEDS, help="instance seeds")
+    parser.add_argument("--seeds", type=lambda s: tuple(number_list(int, "--seeds", 0)(s)), default=SEEDS, help="instance seeds")
     parser.add_argument("--report", action="store_true", help="only regenerate the report")
     options = parser.parse_args(argv)
+    try:
+        check_out(options.out)
+    except ValueError as error:
+        parser.error(str(error))
     from studies.moments_report import write_report
 
-    if not options.report:
-        run(options.out, options.seeds)
-    write_report(options.out)
-    return 0
+    def body() -> int:
+        with FolderLock(options.out):
+            if not options.report:
+                run(options.out, options.seeds)
+            write_report(options.out)
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

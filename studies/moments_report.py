@@ -8,12 +8,12 @@ functions returning Markdown are the generated blocks of ``docs/variance.md``.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from studies.cli_checks import read_json
 from studies.moments_grid import BASE
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "moments"
@@ -33,7 +33,7 @@ SHOWN_OFF_POLICY = (
 
 
 def load_cells(folder: Path = RESULTS) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted((folder / "cells").glob("*.json"))]
+    return [read_json(path) for path in sorted((folder / "cells").glob("*.json"))]
 
 
 def _point(cell: dict) -> tuple:

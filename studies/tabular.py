@@ -13,39 +13,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from studies.cli_checks import FolderLock, check_out, number, number_list, run_cli
 from studies.tabular_configs import Config, all_configs
 from studies.tabular_dynamics import run_exact, run_sampled
 from studies.tabular_model import make_instance
 from studies.tabular_report import write_report
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results/tabular"), help="results folder")
     p.add_argument("--report", action="store_true", help="only regenerate the report from the result files")
-    p.add_argument("--vocab", type=_ints, default=[2, 3, 5], help="vocabulary sizes (exact part)")
-    p.add_argument("--length", type=_ints, default=[1, 2, 3, 4], help="sequence lengths T (exact part)")
-    p.add_argument("--beta", type=_floats, default=[0.5, 1.0, 2.0], help="KL coefficients (exact part)")
+    p.add_argument("--vocab", type=number_list(int, "--vocab", 2), default=[2, 3, 5], help="vocabulary sizes (exact part)")
+    p.add_argument("--length", type=number_list(int, "--length", 1), default=[1, 2, 3, 4], help="sequence lengths T (exact part)")
+    p.add_argument("--beta", type=number_list(float, "--beta", 0.0, open_low=True), default=[0.5, 1.0, 2.0], help="KL coefficients (exact part)")
     p.add_argument("--max-sequences", type=int, default=100, help="exact part: skip instances with V^T above this")
-    p.add_argument("--instance-seed", type=int, default=0, help="seed of pi_ref and r for every instance")
-    p.add_argument("--eta", type=float, default=1.0, help="exact part: step size on J/beta (divided by K)")
+    p.add_argument("--instance-seed", type=number(int, "--instance-seed", 0), default=0, help="seed of pi_ref and r for every instance")
+    p.add_argument("--eta", type=number(float, "--eta", 0.0, open_low=True), default=1.0, help="exact part: step size on J/beta (divided by K)")
     p.add_argument("--max-steps", type=int, default=1500, help="exact part: step cap")
-    p.add_argument("--tol", type=float, default=1e-6, help="exact part: fixed point when max |grad| < tol")
+    p.add_argument("--tol", type=number(float, "--tol", 0.0, open_low=True), default=1e-6, help="exact part: fixed point when max |grad| < tol")
     p.add_argument("--steps-per-batch", type=int, default=4, help="K of the off-policy configurations")
     p.add_argument(
         "--sampled",
@@ -56,12 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=5, help="sampled part: seeds per configuration")
     p.add_argument("--batch-size", type=int, default=32, help="sampled part: sequences per batch")
     p.add_argument("--sgd-steps", type=int, default=1500, help="sampled part: gradient steps")
-    p.add_argument("--sgd-eta", type=float, default=0.2, help="sampled part: SGD step size on J/beta")
+    p.add_argument("--sgd-eta", type=number(float, "--sgd-eta", 0.0, open_low=True), default=0.2, help="sampled part: SGD step size on J/beta")
     p.add_argument("--configs", type=lambda s: s.split(","), default=None, help="subset of configuration names")
     args = p.parse_args(argv)
-    for name in ("eta", "tol", "sgd_eta"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0")
+    try:
+        check_out(args.out)
+        for vocab, length, beta in _sampled_instances(args.sampled):
+            if vocab < 2 or length < 1 or not (math.isfinite(beta) and beta > 0):
+                raise ValueError(f"--sampled: {vocab}x{length}@{beta} needs V >= 2, T >= 1 and a finite beta > 0")
+    except ValueError as error:
+        p.error(str(error))
     for name in ("max_sequences", "max_steps", "steps_per_batch", "seeds", "batch_size", "sgd_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -77,7 +76,7 @@ def _sampled_instances(spec: str) -> list[tuple[int, int, float]]:
         try:
             out.append((int(vocab), int(length), float(beta)))
         except ValueError:
-            raise SystemExit(f"--sampled: expected VxT@beta items like 3x3@1, got {item!r}") from None
+            raise ValueError(f"--sampled: expected VxT@beta items like 3x3@1, got {item!r}") from None
     return out
 
 
@@ -171,16 +170,24 @@ def run_study(args: argparse.Namespace) -> int:
     return done
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     if not args.report:
-        start = time.perf_counter()
-        ran = run_study(args)
-        print(f"{ran} cells run in {time.perf_counter() - start:.0f} s on {_machine()}")
-    write_report(args.out)
-    print(f"report: {args.out / 'table.md'}")
+        _selected(args)  # an unknown --configs name exits before anything is created
+
+    def body() -> int:
+        with FolderLock(args.out):
+            if not args.report:
+                start = time.perf_counter()
+                ran = run_study(args)
+                print(f"{ran} cells run in {time.perf_counter() - start:.0f} s on {_machine()}")
+            write_report(args.out)
+        print(f"report: {args.out / 'table.md'}")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,6 @@ Writes into the results folder: ``exact.csv`` (one row per instance and configur
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections import defaultdict
@@ -22,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import kl_estimators  # noqa: E402
+from studies.cli_checks import read_json  # noqa: E402
 from studies.tabular_configs import all_configs  # noqa: E402
 from studies.tabular_model import make_instance  # noqa: E402
 
@@ -40,7 +40,7 @@ SAMPLED_COLUMNS = ("instance", "config", "family", "seeds", "steps", "samples", 
 
 
 def _load(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.rglob("*.json"))] if folder.exists() else []
+    return [read_json(p) for p in sorted(folder.rglob("*.json"))] if folder.exists() else []
 
 
 def _config_order(cells: list[dict]) -> list[str]:

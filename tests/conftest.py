@@ -19,8 +19,19 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The suite's system temp dir: a folder of its own (one per user, like pytest's own), so that what
+# the code under test leaves in "the system temp dir" can be checked (``_nothing_left_in_tmp``).
+# pytest's basetemp is made inside it; subprocesses inherit it through TMPDIR.
+SUITE_TMP = Path(tempfile.gettempdir()) / f"lmgym-kl-tests-{os.getuid()}"
+SUITE_TMP.mkdir(mode=0o700, exist_ok=True)
+os.environ["TMPDIR"] = str(SUITE_TMP)
+tempfile.tempdir = str(SUITE_TMP)
 
 # Test models are tiny: one intra-op thread is fastest, and immune to contention on a busy machine
 # (with two cores shared, idle-spinning worker threads made tiny forwards 100x slower).
@@ -41,6 +52,24 @@ TINY_PROMPTS = [
     "a",
     "the director of this story never",
 ]
+
+
+# pytest's own basetemps, and torch's compile cache (meant to outlive a session, like pytest's)
+_KEPT_PREFIXES = ("pytest-of-", "torchinductor_")
+
+
+def _temp_entries() -> set[str]:
+    return {name for name in os.listdir(SUITE_TMP) if not name.startswith(_KEPT_PREFIXES)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_in_tmp():
+    """The suite leaves nothing in the system temp dir outside pytest's own tmp paths (an SB3
+    default logger's ``SB3-<timestamp>`` folder, a temporary file not cleaned up, ...)."""
+    before = _temp_entries()
+    yield
+    left = sorted(_temp_entries() - before)
+    assert not left, f"the test suite left {len(left)} entries in the system temp dir {SUITE_TMP}: {left[:10]}"
 
 
 def _build_tokenizer(path):

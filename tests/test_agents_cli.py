@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from agents.cli.config import build_parser, parse_args
+from agents.cli.ownership import claim
 from agents.ppo_kl import main
 from tests.helpers.cli import REPO, run_main, tiny_run_flags
 
@@ -120,7 +121,8 @@ CONFIGS = {
 def test_bad_input_one_line_error_exit_2_and_out_untouched(case, named, tiny_lm_path, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "notes.txt").write_text("keep me")
+    claim(out)  # a run's folder (a non-empty --out that holds no run is refused first: test_run_ownership)
+    (out / "notes.txt").write_text("keep me")  # with a user's file in it
     flags = tiny_run_flags(tiny_lm_path, out, 1)
     if case.startswith("config-"):
         config = tmp_path / "c.yaml"
@@ -154,7 +156,8 @@ def test_bad_input_one_line_error_exit_2_and_out_untouched(case, named, tiny_lm_
     assert not (tmp_path / "pwned").exists()
     last = err.strip().splitlines()[-1]
     assert "error" in last and named in last, err
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".ppokl-run.json", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_resume_with_contradicting_flags_names_them(tmp_path, capsys):
@@ -175,7 +178,7 @@ def test_resume_without_a_run_fails_and_touches_nothing(tiny_lm_path, tmp_path, 
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     assert main(tiny_run_flags(tiny_lm_path, out, 1) + ["--resume"]) == 2
-    assert "no run to resume" in capsys.readouterr().err
+    assert "holds no run" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
@@ -183,6 +186,7 @@ def test_existing_run_is_not_overwritten_without_resume(tiny_lm_path, tmp_path, 
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.csv").write_text("iteration\n1\n")
+    (out / "args.json").write_text("{}")  # a run stopped before its first checkpoint
     assert main(tiny_run_flags(tiny_lm_path, out, 1)) == 2
     assert "--resume" in capsys.readouterr().err
-    assert (out / "metrics.csv").read_text() == "iteration\n1\n"
+    assert (out / "metrics.csv").read_text() == "iteration\n1\n" and (out / "args.json").read_text() == "{}"

@@ -140,7 +140,8 @@ def test_two_ranks_update_like_one_process_on_the_union_of_their_episodes(tiny_l
 @pytest.mark.slow
 def test_torchrun_cli_trains_on_two_ranks_writes_from_rank_0_and_resumes(tiny_lm_path, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # torchrun's elastic agent leaves torchelastic_* folders in TMPDIR: give it the test's own
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = torchrun + ["-m", "agents.ppo_kl", "--analytic-grad", "--kl-reward", "analytic", "--target-kl", "0.5"]
     first = subprocess.run(command + tiny_run_flags(tiny_lm_path, out, 1), cwd=REPO, env=env, capture_output=True, text=True)

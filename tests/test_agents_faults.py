@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import errno
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -20,22 +19,9 @@ from agents.ppo_kl import main
 from agents.cli.run_dir import lock_run_dir
 from agents.state.training_state import non_finite
 from tests.helpers.fault_cases import FAULT_CASES
-from tests.helpers.cli import run_main, tiny_run_flags
+from tests.helpers.cli import one_line, run_main, snapshot, tiny_run_flags
 
 BASE_ITERS = 2
-
-
-def one_line(err: str) -> str:
-    """The error line, checked to be the only one of the program's own output (progress bars aside:
-    transformers' weight loading and the run's own, which ends on a line of its own)."""
-    lines = [line for line in re.split(r"[\r\n]+", err) if line.strip() and not re.match(r"(Loading weights|PPO-KL):", line)]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def snapshot(out: Path) -> dict[str, bytes | None]:
-    """Every file under ``out`` (None for a directory), the lock file aside."""
-    return {str(p.relative_to(out)): (p.read_bytes() if p.is_file() else None) for p in sorted(out.rglob("*")) if p.name != ".lock"}
 
 
 def metrics(out: Path) -> list[dict[str, str]]:
@@ -71,6 +57,10 @@ def test_damaged_run_is_refused_in_one_line_or_completed(case, finished_run, tin
             lock.close()
     assert code == case.exit_code, err[-2000:]
     assert "Traceback" not in err
+    if case.id == "lock-symlink":
+        assert (out.parent / "precious").read_text() == "keep"
+    if case.id == "policy-symlink":
+        assert (out.parent / "elsewhere" / "model.safetensors").is_file()
     if case.exit_code == 2:
         last = one_line(err)
         assert "error:" in last and case.named in last, err
@@ -85,6 +75,11 @@ def test_damaged_run_is_refused_in_one_line_or_completed(case, finished_run, tin
         assert (out / "curves.png").read_bytes() == (finished_run / "curves.png").read_bytes() or (out / "curves.png").stat().st_size > 1000
     if case.id == "args-deleted":
         assert (out / "args.json").is_file()
+    if case.id == "user-files-kept":
+        assert (out / "notes.txt").read_text() == "mine" and (out / ".metrics.csv.backup").read_text() == "mine"
+    if case.id == "swap-leftover-symlink":
+        assert (out.parent / "outside").is_dir() and not os.path.lexists(out / ".policy.old")
+
 
 
 def test_locked_run_names_the_holder(finished_run, tiny_lm_path, tmp_path, capsys):
@@ -171,12 +166,12 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_resumes_exactly(fin
 
 
 def test_read_only_out_is_one_line(tiny_lm_path, tmp_path, capsys, monkeypatch):
-    import agents.cli.run_dir as run_dir
+    import agents.cli.atomic as atomic
 
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run"))
 
-    monkeypatch.setattr(run_dir.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
     code, err = run_main(tiny_run_flags(tiny_lm_path, tmp_path / "run", 1), capsys)
     assert code == 2 and "Read-only file system" in one_line(err), err
 
@@ -220,7 +215,7 @@ def test_model_card_front_matter_names_the_hub_base_model(model, base, licence, 
     assert front["ppokl"] == {"iterations": 4, "timesteps": 40, "kl_estimator": "analytic-future"}
     assert "python -m agents.ppo_kl --iters 4" in card
     (tmp_path / "README.md").write_text(card)
-    assert exported_at(tmp_path) == front["ppokl"]  # what --resume reads to tell a current export
+    assert exported_at(tmp_path) == front["ppokl"]  # the counts the folder was exported at
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kl_estimators import AdaptiveKLController, FixedKLController
@@ -22,6 +22,7 @@ def test_fixed_controller_never_changes(coef, kl, n_steps):
 @settings(deadline=None, max_examples=100)
 @given(beta=positive, target=positive, horizon=positive, kl=st.floats(0, 1e4), n_steps=st.integers(0, 100))
 def test_adaptive_controller_follows_proportional_rule(beta, target, horizon, kl, n_steps):
+    assume(n_steps < 5 * horizon)  # beyond, the factor could be <= 0: refused (test_hostile_estimators)
     controller = AdaptiveKLController(beta, target, horizon)
     error = min(max(kl / target - 1, -0.2), 0.2)
     expected = beta * max(0.0, 1 + error * n_steps / horizon)  # floored: beta never turns negative

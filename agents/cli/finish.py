@@ -3,8 +3,9 @@ killed after its last checkpoint completes whichever are missing or partial:
 
 1. the final evaluation, if the last metrics.csv row (the final iteration) has none;
 2. ``curves.png`` from metrics.csv (rewritten every time; cheap);
-3. the export ``policy/`` with its model card, unless the card says it was exported at the
-   current iteration and timestep counts (the old folder stays until the new one is complete).
+3. the export ``policy/`` with its model card, unless the run's manifest records an export at the
+   current iteration and timestep counts whose every file is present and unchanged
+   (``agents.ownership.export_is_current``; the old folder stays until the new one is complete).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 from agents.metrics import EVAL_SENTIMENT
 from agents.cli.config import Args, command_line
 from agents.cli.evaluation import evaluate
-from agents.cli.model_card import exported_at, model_card
+from agents.cli.model_card import model_card
+from agents.cli.ownership import export_is_current
 from agents.cli.plots import plot_curves
 from agents.cli.run_dir import CURVES, METRICS, POLICY, export_policy, read_rows, write_rows
 from agents.vec_env import LMGymVecEnv
@@ -30,9 +32,7 @@ def finish(model: Any, args: Args, out: Path, tokenizer: Any, eval_env: LMGymVec
             rows[-1] = {**final, **evaluate(model.policy, eval_env, model.reference).metrics()}
             write_rows(out / METRICS, rows)
     plot_curves(rows, out / CURVES, title=out.name)
-    state = {"iterations": model.n_iterations, "timesteps": model.num_timesteps}
-    exported = exported_at(out / POLICY) or {}
-    if {key: exported.get(key) for key in state} != state:
+    if not export_is_current(out, model.n_iterations, model.num_timesteps):
         print(f"finish: exporting the policy to {out / POLICY}", flush=True)
         card = model_card(args, rows, model.n_iterations, model.num_timesteps, command_line(args))
         export_policy(model, tokenizer, out, card)

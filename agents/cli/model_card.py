@@ -2,8 +2,8 @@
 
 It opens with the YAML front matter the Hugging Face Hub reads (``base_model``, ``library_name``,
 ``tags``, ``license``, ``pipeline_tag``), plus a ``ppokl`` block with the iteration and timestep
-counts the folder was exported at, which ``--resume`` reads to decide whether the export is
-current. The body gives the training command, every setting, the KL estimator, the final
+counts the folder was exported at (for readers of the card; ``--resume`` decides whether the
+export is current from the run's manifest, ``agents.cli.ownership.export_is_current``). The body gives the training command, every setting, the KL estimator, the final
 training metrics and held-out evaluation, and the code version.
 """
 from __future__ import annotations
@@ -141,7 +141,10 @@ def exported_at(policy: Path) -> dict[str, Any] | None:
     card = policy / "README.md"
     if not card.is_file():
         return None
-    text = card.read_text()
+    try:
+        text = card.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
     if not text.startswith("---\n") or "\n---" not in text[4:]:
         return None
     try:

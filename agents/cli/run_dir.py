@@ -1,24 +1,29 @@
 """The files of a run directory (``--out``), each replaced atomically so that a crash at any
-moment leaves the previous complete version: a temporary ``.NAME.*`` file beside it is written,
-then renamed over it. Temporaries left by a killed run are removed when the next run starts.
+moment leaves the previous complete version: a temporary ``.NAME.tmp-XXXXXXXX`` file beside it is
+written, then renamed over it. Temporaries left by a killed run are removed when the next run
+starts (those names only: what the run owns is in ``agents.ownership``).
 
-A run holds an exclusive OS lock (``fcntl.flock``) on ``--out/.lock`` for its whole life; the OS
-releases it when the process ends, however it ends. The exported ``policy/`` folder is replaced
+A run holds an exclusive OS lock (``fcntl.flock``) on ``--out`` and ``--out/.lock`` for its whole
+life; the OS releases it when the process ends, however it ends. The exported ``policy/`` folder is replaced
 in two renames (old aside, new in place); a run killed between them gets the old one back."""
 from __future__ import annotations
 
 import csv
+import contextlib
+import errno
 import fcntl
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
+import stat
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
+from safetensors import SafetensorError
 from stable_baselines3.common.logger import CSVOutputFormat, Logger, make_output_format
 
 from agents.metrics import TOTAL_TIMESTEPS
+from agents.cli.atomic import atomic_write, is_temporary
+from agents.cli.ownership import MANIFEST, check_policy_owned, describe_folder, read_manifest, record_export
 from agents.state.training_state import save_ppokl
 
 if TYPE_CHECKING:
@@ -40,35 +45,30 @@ class RunDirError(ValueError):
     """A run directory that cannot be used as it is: locked by another run, or a malformed file."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (not what it points to) or a folder."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete the ``.NAME.*`` temporaries of a killed run (checkpoints can be gigabytes), after
-    putting back the previous ``policy/`` if a kill came between the two renames of an export."""
+    """Delete the temporaries of a killed run (checkpoints can be gigabytes): only the names this
+    module makes, whatever they now are; first put back the previous ``policy/`` if a kill came
+    between the two renames of an export."""
     restore_policy(out)
+    names = (*RUN_FILES, POLICY, PROGRESS, CURVES, MANIFEST)
     stale = [
-        path
+        folder / entry
         for folder in (out, out / SB3_LOGS)
-        for name in (*RUN_FILES, POLICY, PROGRESS, CURVES)
-        for path in folder.glob(f".{name}.*")
+        if folder.is_dir() and not folder.is_symlink()
+        for entry in os.listdir(folder)
+        if any(is_temporary(entry, name) for name in names)
     ]
+    stale.extend(path for path in _policy_aside(out) if os.path.lexists(path))
     for path in stale:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        _remove(path)
     return stale
 
 
@@ -76,7 +76,10 @@ def save_checkpoint(model: PPOKL, out: Path, run: dict[str, object] | None = Non
     """The model's training state (and the run's arguments ``run``) to ``out/checkpoint.safetensors``
     atomically; non-finite state raises ``NonFiniteStateError`` and leaves the previous checkpoint."""
     path = out / CHECKPOINT
-    atomic_write(path, lambda tmp: save_ppokl(model, tmp, run))
+    try:
+        atomic_write(path, lambda tmp: save_ppokl(model, tmp, run))
+    except SafetensorError as error:  # safetensors reports a failed write (a full disk) as its own error
+        raise OSError(errno.EIO, f"writing the checkpoint failed ({' '.join(str(error).split())}); the previous one is kept", str(path)) from None
     return path
 
 
@@ -87,81 +90,166 @@ def _policy_aside(out: Path) -> tuple[Path, Path]:
 def restore_policy(out: Path) -> None:
     """Undo a half-done export: the previous ``policy/`` back in place if the new one never arrived."""
     _, old = _policy_aside(out)
-    if old.is_dir() and not (out / POLICY).exists():
+    if old.is_dir() and not old.is_symlink() and not os.path.lexists(out / POLICY):
         os.replace(old, out / POLICY)
 
 
 def export_policy(model: PPOKL, tokenizer, out: Path, card: str | None = None) -> Path:
     """The policy's language model and its tokenizer as a Hugging Face folder ``out/policy``
     (``save_pretrained``: config + safetensors), loadable with ``from_pretrained``/``pipeline``,
-    with ``card`` as its ``README.md``. The folder is complete before it replaces the old one."""
+    with ``card`` as its ``README.md``. The folder is complete before it replaces the old one,
+    and each file written is recorded (``agents.ownership``); a file in ``policy/`` that no export
+    wrote is refused, not replaced."""
     target = out / POLICY
     new, old = _policy_aside(out)
-    shutil.rmtree(new, ignore_errors=True)
-    model.policy.lm.save_pretrained(new, safe_serialization=True)
-    tokenizer.save_pretrained(new)
-    if card is not None:
-        (new / MODEL_CARD).write_text(card)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    check_policy_owned(out, read_manifest(out))
+    for path in (new, old):
+        if os.path.lexists(path):
+            _remove(path)
+    try:
+        model.policy.lm.save_pretrained(new, safe_serialization=True)
+        tokenizer.save_pretrained(new)
+        if card is not None:
+            (new / MODEL_CARD).write_text(card)
+        files = describe_folder(new)
+        if os.path.lexists(target):
+            os.replace(target, old)
+        os.replace(new, target)
+    except BaseException:
+        if os.path.lexists(new):
+            _remove(new)
+        restore_policy(out)
+        raise
+    if os.path.lexists(old):
+        _remove(old)
+    record_export(out, files, int(model.n_iterations), int(model.num_timesteps))
     return target
 
 
 class RunLock:
-    """The open, locked ``--out/.lock``; ``close()`` removes the file, then releases the lock, so a
-    run that ends (cleanly or with an error) leaves no ``.lock`` behind. A killed process leaves the
-    file but not the lock (the OS releases it), which ``check_unlocked`` tells apart."""
+    """The exclusive lock of a run directory: ``flock`` on the directory itself and on its
+    ``.lock`` file (which holds the pid). ``close()`` removes ``.lock`` while both are still held,
+    then releases them, so a run that ends (cleanly or with an error) leaves no ``.lock`` behind; a
+    killed process leaves the file but not the lock (the OS releases it)."""
 
-    def __init__(self, handle: IO[str], path: Path) -> None:
-        self.handle, self.path = handle, path
+    def __init__(self, dir_fd: int, lock_fd: int, path: Path):
+        self._fds = [dir_fd, lock_fd]
+        self.path = path
 
     def close(self) -> None:
-        """Remove the lock file (while still holding the lock) and release it."""
-        if not self.handle.closed:
-            self.path.unlink(missing_ok=True)
-            self.handle.close()
+        """Remove the lock file (the directory's lock still keeps other runs out), then release both locks."""
+        if self._fds:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _holder(out: Path) -> str:
+    """The pid in ``out/.lock``, read without following a symlink or blocking on a FIFO."""
+    try:
+        fd = os.open(out / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return "unknown"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "unknown"
+        return os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+    finally:
+        os.close(fd)
 
 
 def lock_run_dir(out: Path) -> RunLock:
-    """Hold an exclusive lock on ``out`` for the life of this process (keep the returned lock until
-    the run ends, then ``close()`` it); ``RunDirError`` naming the holder's pid if another process holds it."""
+    """Hold an exclusive lock on ``out`` for the life of this process (keep the returned lock
+    open); ``RunDirError`` naming the holder's pid if another process holds it. The directory
+    itself is locked (deleting ``.lock`` cannot let a second run in); ``.lock`` is opened without
+    following a symlink, must be a regular file, and must still be the file on disk once locked."""
     out.mkdir(parents=True, exist_ok=True)
-    handle = (out / LOCK).open("a+")
+    busy = f"--out {out} is in use by another run (pid {{}}; lock {out / LOCK}): wait for it to end or choose another --out"
+    dir_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise RunDirError(
-            f"--out {out} is in use by another run (pid {holder}; lock {out / LOCK}): wait for it to end or choose another --out"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return RunLock(handle, out / LOCK)
+        os.close(dir_fd)
+        raise RunDirError(busy.format(_holder(out))) from None
+    try:
+        try:
+            lock_fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise RunDirError(f"{out / LOCK} is a symlink: remove it (the lock is never written through a link)") from None
+            raise
+        try:
+            opened = os.fstat(lock_fd)
+            if not stat.S_ISREG(opened.st_mode):
+                raise RunDirError(f"{out / LOCK} is not a regular file: remove it")
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunDirError(busy.format(_holder(out))) from None
+            on_disk = os.stat(out / LOCK, follow_symlinks=False)
+            if (on_disk.st_dev, on_disk.st_ino) != (opened.st_dev, opened.st_ino):
+                raise RunDirError(f"{out / LOCK} was replaced while it was being locked (another run?): start again")
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return RunLock(dir_fd, lock_fd, out / LOCK)
 
 
 def check_unlocked(out: Path) -> None:
     """``RunDirError`` if another process holds ``out``'s lock (creates nothing)."""
-    if (out / LOCK).is_file():
-        lock_run_dir(out).close()
+    try:
+        dir_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunDirError(
+            f"--out {out} is in use by another run (pid {_holder(out)}; lock {out / LOCK}): wait for it to end or choose another --out"
+        ) from None
+    finally:
+        os.close(dir_fd)
 
 
 def read_rows(path: Path, first_column: str | None = None) -> list[dict[str, str]]:
     """The rows of a CSV file ([] if it does not exist); with ``first_column``, ``RunDirError``
     unless the header starts with it."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if first_column is not None and (reader.fieldnames or [None])[0] != first_column:
-            raise RunDirError(f"{path} has no header starting with '{first_column}' (got {reader.fieldnames})")
-        return list(reader)
+    check_regular_file(path)
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if first_column is not None and (reader.fieldnames or [None])[0] != first_column:
+                raise RunDirError(f"{path} has no header starting with '{first_column}' (got {str(reader.fieldnames)[:200]})")
+            return list(reader)
+    except csv.Error as error:
+        raise RunDirError(f"{path} is not a readable CSV file ({error})") from None
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is not UTF-8 text") from None
+
+
+def check_regular_file(path: Path) -> None:
+    """``RunDirError`` naming ``path`` unless it is a regular file (not a FIFO, a device, a folder
+    or a symlink to one), checked before it is opened, so that reading never blocks."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing (a dangling symlink?)") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise RunDirError(f"{path} is not a regular file: replace it by the run's file or start a new --out")
 
 
 def write_rows(path: Path, rows: list[dict[str, object]]) -> None:

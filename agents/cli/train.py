@@ -4,6 +4,7 @@ steps; ``run`` turns every user error into one line and exit 2.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import pickle
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import gymnasium as gym
+import torch
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.logger import Logger
 
@@ -25,6 +27,7 @@ from agents.device import DTYPES, cast_frozen
 from agents.cli.finish import finish
 from agents.lora import share_base_as_reference
 from agents.cli.monitor import TrainingMonitor
+from agents.cli.ownership import check_claimable, check_out, claim
 from agents.cli.run_dir import (
     ARGS,
     CHECKPOINT,
@@ -147,9 +150,10 @@ def resumes_checkpoint(args: Args, out: Path) -> bool:
 def train(args: Args) -> PPOKL:
     """Run (or resume) the training in ``args.out``: every check before anything in it is changed."""
     args = dataclasses.replace(args, device=distributed.init_from_env(args.device))
-    out = Path(args.out)
+    out = check_out(args.out)
     if distributed.is_main():
         check_unlocked(out)
+        check_claimable(out)
     resume = resumes_checkpoint(args, out)
     if resume:
         check_resumable(args, out)
@@ -183,6 +187,7 @@ def _train_locked(args: Args, out: Path, resume: bool, env: LMGymVecEnv, eval_en
     """Training with ``out`` locked and checked: the first function that writes into it."""
     run = dataclasses.asdict(args)
     if distributed.is_main():
+        claim(out)
         remove_stale_temporaries(out)
         rewind(out, model.n_iterations, model.num_timesteps)
         atomic_write(out / ARGS, lambda tmp: tmp.write_text(json.dumps(run, indent=2)))
@@ -233,8 +238,19 @@ def run(args: Args) -> int:
             file=sys.stderr,
         )
         return 2
-    except (OSError, ValueError, FloatingPointError, AssetUnavailableError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    except (OSError, ValueError, FloatingPointError, AssetUnavailableError, csv.Error) as error:
+        print(f"error: {' '.join(str(error).split())}"[:2000], file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("error: a file this run reads (--config, args.json or a model's JSON) is nested too deeply", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory: lower --n-envs, --max-new-tokens or --batch-size", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # torch's allocators report running out of memory as RuntimeError
+        if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
+            raise
+        print(f"error: out of memory ({' '.join(str(error).split())[:200]}): lower --n-envs, --max-new-tokens or --batch-size", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()

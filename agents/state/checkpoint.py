@@ -64,6 +64,9 @@ class ModelIdentity:
     model: str
     config_sha256: str
     vocab_size: int
+    # agents.fingerprint of the initial policy's and the reference model's weights (None: not recorded)
+    policy_sha256: str | None = None
+    reference_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,23 @@ class _Parser:
             state = self.get(raw, key, f"{name}.")
             if not isinstance(state, list) or len(state) != length:
                 raise self.fail(f"{name}.{key}", f"must be a list of {length} items")
+        # numpy's MT19937: (name, 624 32-bit keys, position in [0, 624], has_gauss, cached gaussian)
+        kind, keys, pos, has_gauss, cached = raw["numpy"]
+        words = isinstance(keys, list) and len(keys) == 624 and all(_is_int(k) and 0 <= k < 2**32 for k in keys)
+        if kind != "MT19937" or not words or not (_is_int(pos) and 0 <= pos <= 624) or has_gauss not in (0, 1) or not _is_number(cached):
+            raise self.fail(f"{name}.numpy", "must be an MT19937 state: ('MT19937', 624 keys < 2**32, position in [0, 624], 0 or 1, a number)")
+        # python's random: (version, 624 32-bit words + a position in [0, 624], gauss_next or None)
+        version, internal, gauss_next = raw["python"]
+        if not (
+            _is_int(version)
+            and isinstance(internal, list)
+            and len(internal) == 625
+            and all(_is_int(w) and 0 <= w < 2**32 for w in internal[:624])
+            and _is_int(internal[624])
+            and 0 <= internal[624] <= 624
+            and (gauss_next is None or _is_number(gauss_next))
+        ):
+            raise self.fail(f"{name}.python", "must be a state of python's random: (version, 625 integers, None or a number)")
         return raw
 
     def identity(self, value: Any, name: str) -> ModelIdentity | None:
@@ -203,7 +223,14 @@ class _Parser:
             model=self.string(self.get(raw, "model", f"{name}."), f"{name}.model"),
             config_sha256=self.string(self.get(raw, "config_sha256", f"{name}."), f"{name}.config_sha256"),
             vocab_size=self.count(self.get(raw, "vocab_size", f"{name}."), f"{name}.vocab_size"),
+            policy_sha256=self.optional_digest(raw.get("policy_sha256"), f"{name}.policy_sha256"),
+            reference_sha256=self.optional_digest(raw.get("reference_sha256"), f"{name}.reference_sha256"),
         )
+
+    def optional_digest(self, value: Any, name: str) -> str | None:
+        if value is not None and (not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+            raise self.fail(name, f"must be 64 hexadecimal characters, got {value!r}")
+        return value
 
     def optional_mapping(self, value: Any, name: str) -> dict[str, Any] | None:
         return None if value is None else self.mapping(value, name)
@@ -279,6 +306,8 @@ def _parse_header(metadata: Mapping[str, str], path: Path) -> CheckpointMeta:
         raw = json.loads(metadata[META_KEY])
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: the '{META_KEY}' metadata is not valid JSON ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: the '{META_KEY}' metadata is nested too deeply to be a checkpoint's") from None
     return parse_meta(raw, path)
 
 

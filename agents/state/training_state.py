@@ -83,7 +83,7 @@ def _set_rng_state(tensors: Mapping[str, torch.Tensor], states: Mapping[str, Any
         random.setstate((version, tuple(internal), gauss_next))
     except KeyError as error:
         raise CheckpointError(f"{path}: missing tensor {error}") from None
-    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+    except (TypeError, ValueError, RuntimeError, OverflowError, IndexError) as error:
         raise CheckpointError(f"{path}: field 'rng' is not a valid RNG state ({' '.join(str(error).split())})") from None
 
 
@@ -144,10 +144,13 @@ def config_sha256(config: Any) -> str:
 
 
 def model_identity(model: PPOKLState) -> ModelIdentity:
+    fingerprints = getattr(model, "model_fingerprints", {})
     return ModelIdentity(
         model=str(model.policy.model_spec),
         config_sha256=config_sha256(model.policy.lm.config),
         vocab_size=int(model.action_space.n),
+        policy_sha256=fingerprints.get("policy"),
+        reference_sha256=fingerprints.get("reference"),
     )
 
 
@@ -246,7 +249,13 @@ def load_ppokl(cls: type[PPOKLState], path: str | Path, env: Any, device: torch.
     if meta.identity is not None:
         built = model_identity(model)
         for name, stored in asdict(meta.identity).items():
-            if name != "model" and getattr(built, name) != stored:
+            if name.endswith("_sha256") and name != "config_sha256" and stored is not None and getattr(built, name) != stored:
+                which = "initial policy" if name == "policy_sha256" else "reference model"
+                raise CheckpointError(
+                    f"{path}: the weights of the {which} {built.model!r} differ from those the run was trained with "
+                    f"(field 'identity.{name}'): the model changed on disk since; restore it or start a new --out"
+                )
+            if name != "model" and stored is not None and getattr(built, name) != stored:
                 raise CheckpointError(
                     f"{path}: field 'identity.{name}' is {stored!r} but the model {built.model!r} built from its settings "
                     f"has {getattr(built, name)!r}: the checkpoint belongs to another model"

@@ -1,7 +1,12 @@
-"""The tiny ``python -m agents.ppo_kl`` run the CLI tests share, and running ``main`` in-process."""
+"""The tiny ``python -m agents.ppo_kl`` run the CLI tests share, running ``main`` in-process, its one
+error line and a snapshot of a run directory; the fixtures of a finished tiny run to copy and damage."""
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
+
+import pytest
 
 from agents.ppo_kl import main
 
@@ -22,3 +27,42 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
     except SystemExit as exit_info:
         code = exit_info.code
     return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    """The error line, checked to be the only one of the program's own output (progress bars aside:
+    transformers' weight loading and the run's own, which ends on a line of its own)."""
+    lines = [line for line in re.split(r"[\r\n]+", err) if line.strip() and not re.match(r"(Loading weights|PPO-KL):", line)]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def snapshot(out: Path) -> dict[str, bytes | None]:
+    """Every file under ``out`` (None for a directory), the lock file aside."""
+    return {str(p.relative_to(out)): (p.read_bytes() if p.is_file() else None) for p in sorted(out.rglob("*")) if p.name != ".lock"}
+
+
+BASE_ITERS = 2
+
+
+@pytest.fixture(scope="module")
+def own_model(tiny_lm_path, tmp_path_factory) -> Path:
+    """A copy of the tiny LM that the tests may change on disk."""
+    path = tmp_path_factory.mktemp("own_model") / "lm"
+    shutil.copytree(tiny_lm_path, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(own_model, tmp_path_factory) -> Path:
+    """A finished tiny run of ``BASE_ITERS`` iterations, shared by a module: copy it before changing it."""
+    out = tmp_path_factory.mktemp("ownership") / "base"
+    assert main(tiny_run_flags(str(own_model), out, BASE_ITERS)) == 0
+    return out
+
+
+def copy_run(finished: Path, tmp_path: Path) -> Path:
+    """A copy of the run ``finished`` under ``tmp_path`` (symlinks kept as links)."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out, symlinks=True)
+    return out

@@ -9,6 +9,7 @@ left as it was; exit 0 means the run was completed (checked per case by the test
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,27 @@ def _policy_aside(out: Path) -> None:
     (out / ".policy.new" / "model.safetensors").write_bytes(b"partial")
 
 
+def _manifest(out: Path, **changes: Any) -> None:
+    path = out / ".ppokl-run.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _symlinked_policy(out: Path) -> None:
+    elsewhere = out.parent / "elsewhere"
+    shutil.move(out / "policy", elsewhere)
+    (out / "policy").symlink_to(elsewhere)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a") as f:
+        f.write(text)
+
+
 FAULT_CASES: list[FaultCase] = [
     FaultCase("other-model", "checkpoint of a run on another model (its settings and args copy name it)",
               "refused: names `model`", lambda out, c: _rewrite_checkpoint(out, lambda m: _edit("run.model", c["other_model"])(_edit("settings.policy_kwargs.model", c["other_model"])(m))), "model"),
@@ -152,6 +174,44 @@ FAULT_CASES: list[FaultCase] = [
               lambda out, c: _policy_aside(out), exit_code=0, iters=2),
     FaultCase("curves-partial", "`curves.png` cut to 16 bytes", "`--resume` redraws it", lambda out, c: (out / "curves.png").write_bytes(b"\x89PNG" + b"\0" * 12),
               exit_code=0, iters=2),
+    # issue 28: what the run owns, what it trusts, and where errors go
+    FaultCase("reference-weights-changed", "the checkpoint's fingerprint of the reference model's weights differs from the model on disk",
+              "refused: names the model and `identity.reference_sha256`", lambda out, c: _rewrite_checkpoint(out, _edit("identity.reference_sha256", "0" * 64)), "reference_sha256"),
+    FaultCase("policy-weights-changed", "the checkpoint's fingerprint of the initial policy's weights differs", "refused: names the model and `identity.policy_sha256`",
+              lambda out, c: _rewrite_checkpoint(out, _edit("identity.policy_sha256", "f" * 64)), "policy_sha256"),
+    FaultCase("fingerprint-malformed", "a fingerprint that is not 64 hex digits", "refused: names `identity.policy_sha256`",
+              lambda out, c: _rewrite_checkpoint(out, _edit("identity.policy_sha256", "xyz")), "identity.policy_sha256"),
+    FaultCase("rng-python-malformed", "python's RNG state with an internal state of the wrong length", "refused: names `rng`",
+              lambda out, c: _rewrite_checkpoint(out, _edit("rng.python", [3, [1, 2, 3], None])), "rng"),
+    FaultCase("rng-numpy-malformed", "numpy's RNG state with a position past its key", "refused: names `rng`",
+              lambda out, c: _rewrite_checkpoint(out, _edit("rng.numpy", ["MT19937", [1] * 624, 10**6, 0, 0.0])), "rng"),
+    FaultCase("meta-nested", "checkpoint metadata nested 100 000 deep", "refused: names the checkpoint", lambda out, c: _rewrite_checkpoint(out, raw="[" * 100_000), "checkpoint.safetensors"),
+    FaultCase("user-file-in-policy", "a user's `notes.txt` put into `policy/`", "refused (the export would replace the folder): names `policy/notes.txt`",
+              lambda out, c: (out / "policy" / "notes.txt").write_text("mine"), "notes.txt"),
+    FaultCase("policy-symlink", "`policy/` replaced by a symlink to a folder elsewhere", "refused: names `policy`; the folder it points to kept",
+              lambda out, c: _symlinked_policy(out), "policy"),
+    FaultCase("run-file-not-ours", "the manifest does not list `curves.png` (a user's file of that name)", "refused: names `curves.png`",
+              lambda out, c: _manifest(out, created=["checkpoint.safetensors", "metrics.csv", "args.json", "policy", "sb3_logs"]), "curves.png"),
+    FaultCase("manifest-not-json", "`.ppokl-run.json` is not JSON", "refused: names `.ppokl-run.json`", lambda out, c: (out / ".ppokl-run.json").write_text("{"), ".ppokl-run.json"),
+    FaultCase("manifest-symlink", "`.ppokl-run.json` is a symlink", "refused: names `.ppokl-run.json`",
+              lambda out, c: ((out / ".ppokl-run.json").rename(out.parent / "m.json"), (out / ".ppokl-run.json").symlink_to(out.parent / "m.json")), ".ppokl-run.json"),
+    FaultCase("lock-symlink", "`.lock` is a symlink to a file outside `--out`", "refused: \"is a symlink\"; the file it points to unchanged",
+              lambda out, c: ((out.parent / "precious").write_text("keep"), (out / ".lock").unlink(missing_ok=True), (out / ".lock").symlink_to(out.parent / "precious")), "symlink"),
+    FaultCase("lock-fifo", "`.lock` is a FIFO", "refused without blocking: \"not a regular file\"", lambda out, c: _fifo(out / ".lock"), "regular file"),
+    FaultCase("progress-fifo", "`sb3_logs/progress.csv` is a FIFO", "refused without blocking: names `progress.csv`", lambda out, c: _fifo(out / "sb3_logs" / "progress.csv"), "progress.csv"),
+    FaultCase("metrics-fifo", "`metrics.csv` is a FIFO", "refused without blocking: names `metrics.csv`", lambda out, c: _fifo(out / "metrics.csv"), "metrics.csv"),
+    FaultCase("metrics-long-field", "a 200 000-character field appended to `metrics.csv`", "refused (`csv.Error`): names `metrics.csv`",
+              lambda out, c: _append(out / "metrics.csv", '"' + "x" * 200_000 + '"\n'), "metrics.csv"),
+    FaultCase("metrics-not-utf8", "`metrics.csv` is not UTF-8", "refused: names `metrics.csv`", lambda out, c: (out / "metrics.csv").write_bytes(b"iteration\n\xff\n"), "metrics.csv"),
+    FaultCase("user-files-kept", "a user's `notes.txt` and `.metrics.csv.backup` in `--out`", "resumed; both files kept (a run removes only its own temporaries)",
+              lambda out, c: ((out / "notes.txt").write_text("mine"), (out / ".metrics.csv.backup").write_text("mine")), exit_code=0),
+    FaultCase("export-weights-deleted", "`policy/model.safetensors` deleted (the card still says current)", "`--resume` exports again: every recorded file is checked",
+              lambda out, c: (out / "policy" / "model.safetensors").unlink(), exit_code=0, iters=2),
+    FaultCase("export-card-not-utf8", "`policy/README.md` is not UTF-8", "`--resume` exports again (was: every later resume blocked)",
+              lambda out, c: (out / "policy" / "README.md").write_bytes(b"\xff\xfe"), exit_code=0, iters=2),
+    FaultCase("swap-leftover-file", "`.policy.new` is a file", "removed; the export is current", lambda out, c: (out / ".policy.new").write_text("x"), exit_code=0, iters=2),
+    FaultCase("swap-leftover-symlink", "`.policy.old` is a symlink to a folder outside `--out`", "the link removed, the folder it points to kept",
+              lambda out, c: ((out.parent / "outside").mkdir(), (out / ".policy.old").symlink_to(out.parent / "outside")), exit_code=0, iters=2),
 ]  # fmt: skip
 
 
