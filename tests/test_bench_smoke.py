@@ -41,7 +41,7 @@ def tiny_config(tiny_lm_path, tmp_path_factory) -> Path:
 
 def test_every_bench_script_has_a_smoke_test():
     tested = {"bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_memory.py", "bench_ranks.py",
-              "bench_trl.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
+              "bench_sampler.py", "bench_trl.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
 
@@ -70,6 +70,13 @@ def test_bench_memory(tiny_lm_path):
                      "--batch-size", "2", "--repeats", "1")  # fmt: skip
     for mode in ("store", "recompute", "hidden"):
         assert f"| {mode} |" in out
+
+
+def test_bench_sampler(tiny_lm_path):
+    out = run_script("bench_sampler.py", "--model", tiny_lm_path, "--n-envs", "3", "--prompt-tokens", "4",
+                     "--max-new-tokens", "3", "--rounds", "2")  # fmt: skip
+    for name in ("generate", "loop", "loop, Categorical"):
+        assert f"| {name} |" in out
 
 
 def test_bench_ranks(tiny_lm_path):
