@@ -70,6 +70,7 @@ class Args:
     out: str = _arg("runs/ppo_kl", "output directory: metrics.csv, checkpoint.safetensors, policy/, curves.png, SB3 logs")
     device: str = _arg("cpu", "torch device: cpu, cuda, cuda:N or mps (under torchrun each rank uses cuda:LOCAL_RANK)")
     dtype: str = _arg("float32", "compute dtype: bfloat16 runs the policy under autocast (float32 weights) and stores the frozen reference in bfloat16", choices=tuple(DTYPES))
+    cast_lm_head_to_fp32: bool = _arg(False, "run the output layer of the policy and the reference in float32 under --dtype bfloat16 (TRL's cast_lm_head_to_fp32): bfloat16 logits are the main error of the KL (docs/benchmarks.md)")
     gradient_checkpointing: bool = _arg(False, "recompute the policy's layer activations in backward (less memory, one more forward)")
     eval_every: int = _arg(5, "evaluate on held-out prompts every N iterations (0: never)")
     eval_prompts: int = _arg(16, "held-out prompts per evaluation")

@@ -39,7 +39,7 @@ from agents import distributed
 from agents.algorithm import PPOKL
 from agents.checkpoint import CheckpointMeta, read_meta
 from agents.config import Args, differing_settings, parse_args
-from agents.device import DTYPES, cast_frozen
+from agents.device import DTYPES, cast_frozen, fp32_output_layer
 from agents.finish import finish
 from agents.lora import share_base_as_reference
 from agents.monitor import TrainingMonitor
@@ -83,6 +83,8 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
         **common,
     )
     cast_frozen(train.unwrapped.task.ref_model, DTYPES[args.dtype])
+    if args.cast_lm_head_to_fp32:
+        fp32_output_layer(train.unwrapped.task.ref_model)
     if not args.eval_every or not distributed.is_main():
         return LMGymVecEnv(train), None
     evaluation = gym.make_vec(
@@ -127,6 +129,7 @@ def ppokl_settings(args: Args) -> dict:
             "vf_learning_rate": args.vf_learning_rate,
             "dtype": args.dtype,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "cast_lm_head_to_fp32": args.cast_lm_head_to_fp32,
             "lora_rank": args.lora_rank,
         },
         seed=args.seed,

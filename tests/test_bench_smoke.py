@@ -40,8 +40,8 @@ def tiny_config(tiny_lm_path, tmp_path_factory) -> Path:
 
 
 def test_every_bench_script_has_a_smoke_test():
-    tested = {"bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_memory.py", "bench_ranks.py",
-              "bench_sampler.py", "bench_trl.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
+    tested = {"bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_memory.py", "bench_precision.py",
+              "bench_ranks.py", "bench_sampler.py", "bench_trl.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
 
@@ -76,6 +76,12 @@ def test_bench_sampler(tiny_lm_path):
     out = run_script("bench_sampler.py", "--model", tiny_lm_path, "--n-envs", "3", "--prompt-tokens", "4",
                      "--max-new-tokens", "3", "--rounds", "2")  # fmt: skip
     for name in ("generate", "loop", "loop, Categorical"):
+        assert f"| {name} |" in out
+
+
+def test_bench_precision(tiny_lm_path):
+    out = run_script("bench_precision.py", "--model", tiny_lm_path, "--batch", "2", "--length", "4")
+    for name in ("float32", "bf16 head, fp32 KL", "bf16 trunk, fp32 head", "bf16 trunk and head, fp32 KL"):
         assert f"| {name} |" in out
 
 
