@@ -159,13 +159,13 @@ class HFBaseline:
         return middle - start, time.perf_counter() - middle
 
 
-def gemm_rate(model: nn.Module, rows: int, repeats: int = 5) -> float:
-    """FLOP/s of ``F.linear`` over every Linear weight of ``model`` (lm_head included) on ``rows`` token rows."""
+def gemm_rate(model: nn.Module, rows: int, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of ``F.linear`` in ``dtype`` over every Linear weight of ``model`` (lm_head included) on ``rows`` token rows."""
     shapes = [module.weight.shape for module in model.modules() if isinstance(module, nn.Linear)]
     flops, seconds = 0.0, 0.0
     for shape in sorted(set(shapes)):
-        weight = torch.randn(shape)
-        x = torch.randn(rows, shape[1])
+        weight = torch.randn(shape, dtype=dtype)
+        x = torch.randn(rows, shape[1], dtype=dtype)
         torch.nn.functional.linear(x, weight)
         times = []
         for _ in range(repeats):

@@ -114,6 +114,9 @@ def test_compare_kl_variants(tiny_config, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl (the frameworks extra) is not installed")
-def test_bench_trl(tiny_config):
-    out = run_script("bench_trl.py", "--config", str(tiny_config), "--rounds", "2", "--generations", "2")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_trl(tiny_config, precision):
+    out = run_script("bench_trl.py", "--config", str(tiny_config), "--rounds", "2", "--generations", "2", "--precision", precision)
+    assert f"precision {precision} (PPOKL --dtype {'bfloat16' if precision == 'bf16' else 'float32'}" in out
+    assert "- TRL GRPOTrainer: " in out
     assert "| PPOKL hidden |" in out and "| PPOKL store |" in out and "| TRL GRPOTrainer |" in out and "| PPOKL FLOP floor at " in out
