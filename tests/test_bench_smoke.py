@@ -50,6 +50,11 @@ def test_bench_fused_small():
     assert "| 300 | 16 | 2 x 3 | unfused |" in out and "| 300 | 16 | 2 x 3 | fused |" in out
 
 
+def test_bench_fused_against_trl_small():
+    out = run_script("bench_fused.py", "--small", "--modes", "fused", "trl", "--kl-only")
+    assert "| 300 | 16 | 2 x 3 | fused |" in out and "| 300 | 16 | 2 x 3 | trl |" in out
+
+
 def test_bench_fused_marks_what_does_not_fit():
     out = run_script("bench_fused.py", "--small", "--max-gb", "0", "--modes", "unfused")
     assert "does not fit" in out
