@@ -84,8 +84,10 @@ class PhaseTimer:
         return seconds
 
 
-def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_step_end, bf16: bool = False, cast_head: bool = False):
-    """A GRPOTrainer doing one PPOKL iteration's work per step; ``on_step_end()`` runs after each."""
+def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_step_end, bf16: bool = False, cast_head: bool = False,
+                 trainer_class=None, max_steps: int | None = None, **trainer_kwargs):
+    """A GRPOTrainer (or ``trainer_class`` with ``trainer_kwargs``) doing one PPOKL iteration's
+    work per step, ``max_steps`` steps per ``train()`` (None: ``rounds``); ``on_step_end()`` runs after each."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -133,7 +135,7 @@ def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_st
         fp16=False,
         cast_lm_head_to_fp32=cast_head,
         model_init_kwargs={"dtype": torch.float32},
-        max_steps=rounds,
+        max_steps=rounds if max_steps is None else max_steps,
         logging_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -141,13 +143,14 @@ def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_st
         disable_tqdm=True,
     )
     timer = Timer()
-    trainer = GRPOTrainer(
+    trainer = (trainer_class or GRPOTrainer)(
         model=resolve(args.model),
         reward_funcs=reward,
         args=config,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=load_tokenizer(args.model),
         callbacks=[timer],
+        **trainer_kwargs,
     )
     timer.phases = (PhaseTimer(trainer, "_generate_and_score_completions"), PhaseTimer(trainer, "_generate"))
     return trainer, timer

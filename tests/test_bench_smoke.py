@@ -41,7 +41,7 @@ def tiny_config(tiny_lm_path, tmp_path_factory) -> Path:
 
 def test_every_bench_script_has_a_smoke_test():
     tested = {"bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_memory.py", "bench_precision.py",
-              "bench_ranks.py", "bench_sampler.py", "bench_trl.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
+              "bench_ranks.py", "bench_sampler.py", "bench_trl.py", "bench_trl_dropin.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
 
@@ -125,3 +125,11 @@ def test_bench_trl(tiny_config, precision):
     assert f"precision {precision} (PPOKL --dtype {'bfloat16' if precision == 'bf16' else 'float32'}" in out
     assert "- TRL GRPOTrainer: " in out
     assert "| PPOKL hidden |" in out and "| PPOKL store |" in out and "| TRL GRPOTrainer |" in out and "| PPOKL FLOP floor at " in out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_trl_dropin(tiny_config, precision):
+    out = run_script("bench_trl_dropin.py", "--config", str(tiny_config), "--rounds", "2", "--generations", "2",
+                     "--precision", precision)  # fmt: skip
+    for name in ("GRPOTrainer", "KLGRPOTrainer k3-ratio", "KLGRPOTrainer reinforce-future-is", "KLGRPOTrainer analytic-future-is"):
+        assert f"| {name} |" in out
