@@ -63,8 +63,10 @@ def _reset_peak_rss() -> int:
     return _status_bytes("VmRSS")
 
 
-def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: int, threads: int, kl_only: bool = False) -> dict:
-    """Run one case in this (fresh) process: peak extra bytes, median seconds, a checksum."""
+def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: int, threads: int, kl_only: bool = False,
+           device: str = "cpu") -> dict:
+    """Run one case in this (fresh) process: peak extra bytes, median seconds, a checksum. On CUDA
+    the peak is ``torch.cuda.max_memory_allocated`` beyond the inputs, and each call is synchronised."""
     import torch
 
     from kl_estimators import LinearLogits, analytic, fused_kl
@@ -75,6 +77,8 @@ def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: in
     wp, wq = torch.randn(vocab, dim, generator=g).mul_(dim**-0.5), torch.randn(vocab, dim, generator=g).mul_(dim**-0.5)
     tokens = torch.randint(0, vocab, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.bool)
+    hp, hq, wp, wq, tokens, mask = (x.to(device) for x in (hp, hq, wp, wq, tokens, mask))
+    cuda = torch.device(device).type == "cuda"
     hp.requires_grad_(True)
     wp.requires_grad_(True)
 
@@ -98,15 +102,21 @@ def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: in
         return float(loss) + float(sum(grad.sum() for grad in grads))
 
     value_and_gradient(hp[:1, :1], tokens[:1, :1], mask[:1, :1], hq[:1, :1])  # warm-up: kernels, allocator
-    baseline = _reset_peak_rss()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _reset_peak_rss()
     times, checksum = [], 0.0
     for _ in range(repeats):
         start = time.perf_counter()
-        checksum = value_and_gradient(hp, tokens, mask, hq)
+        checksum = value_and_gradient(hp, tokens, mask, hq)  # float(): synchronises on CUDA
         times.append(time.perf_counter() - start)
     gradient_bytes = (hp.numel() + wp.numel()) * 4
+    peak = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
     return {
-        "peak_extra_bytes": _status_bytes("VmHWM") - baseline - gradient_bytes,
+        "peak_extra_bytes": peak - baseline - gradient_bytes,
         "seconds": statistics.median(times),
         "min_seconds": min(times),
         "max_seconds": max(times),
@@ -125,9 +135,10 @@ def unfused_need_bytes(vocab: int, batch: int, length: int) -> int:
     return UNFUSED_TENSORS * batch * length * vocab * 4
 
 
-def run_case(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: int, threads: int, kl_only: bool = False) -> dict:
+def run_case(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: int, threads: int, kl_only: bool = False,
+             device: str = "cpu") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    argv = [sys.executable, __file__, "--worker", json.dumps([mode, vocab, dim, batch, length, repeats, threads, kl_only])]
+    argv = [sys.executable, __file__, "--worker", json.dumps([mode, vocab, dim, batch, length, repeats, threads, kl_only, device])]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -139,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lengths", type=int, nargs="+", default=[48, 128, 256, 512, 1024])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["unfused", "fused"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak: torch.cuda.max_memory_allocated)")
     parser.add_argument("--kl-only", action="store_true", help="differentiate the KL alone (no token log-probs): needed next to trl")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -146,10 +158,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", action="store_true", help="tiny sizes (V 300, d 16, B x T 2 x 3), 1 repeat: a smoke test")
     parser.add_argument("--json", type=Path, help="also write every row to this JSON file")
     options = parser.parse_args(argv)
+    if options.device != "cpu":
+        from agents.device import device_error
+
+        if device_error(options.device):
+            parser.exit(2, f"{device_error(options.device)}\n")
+    if "trl" in options.modes and not options.kl_only:
+        parser.exit(2, "--modes trl needs --kl-only (TRL's kernel returns no token log-probabilities)\n")
     if options.small:
         options.vocabs, options.dims, options.batch, options.lengths, options.repeats = [300], [16], 2, [3], 1
     what = "KL" if options.kl_only else "KL + log pi(y)"
-    print(f"{', '.join(options.modes)}: {what} value + gradient, float32, {options.threads} thread(s), median of {options.repeats}; "
+    print(f"{', '.join(options.modes)}: {what} value + gradient, float32, {options.device}, {options.threads} thread(s), median of {options.repeats}; "
           f"peak extra = peak RSS beyond inputs and gradients\n")
     print("| V | d | B x T | mode | peak extra (MiB) | time (s), median (min-max) | matmul GFLOP | per call (s) |")
     print("|---:|---:|---:|---|---:|---|---:|---|")
@@ -165,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
                         rows.append({"vocab": vocab, "dim": dim, "batch": options.batch, "length": length, "mode": mode, "fits": False})
                         print(f"| {vocab} | {dim} | {shape} | {mode} | does not fit: needs ~{need / 2**30:.0f} GiB | - | {flops:.0f} | - |", flush=True)
                         continue
-                    result = run_case(mode, vocab, dim, options.batch, length, options.repeats, options.threads, options.kl_only)
+                    result = run_case(mode, vocab, dim, options.batch, length, options.repeats, options.threads, options.kl_only, options.device)
                     rows.append({"vocab": vocab, "dim": dim, "batch": options.batch, "length": length, "mode": mode, "fits": True, **result})
                     print(f"| {vocab} | {dim} | {shape} | {mode} | {result['peak_extra_bytes'] / 2**20:.0f} | "
                           f"{result['seconds']:.2f} ({result['min_seconds']:.2f}-{result['max_seconds']:.2f}) | {flops:.0f} | "

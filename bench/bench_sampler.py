@@ -76,12 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds of all contenders (the first is a warm-up)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     options = parser.parse_args(argv)
+    from agents.device import device_error
+
+    if device_error(options.device):
+        parser.exit(2, f"{device_error(options.device)}\n")
     if options.rounds < 2:
         raise SystemExit("--rounds must be >= 2 (the first is a warm-up)")
     torch.set_num_threads(options.threads)
     model, tokenizer = load_causal_lm(options.model)
-    model.eval()
+    model.eval().to(options.device)
     g = torch.Generator().manual_seed(options.seed)
     n, p, steps = options.n_envs, options.prompt_tokens, options.max_new_tokens
     ids = torch.randint(0, model.config.vocab_size, (n, p), generator=g)
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     lengths = torch.randint(1, p + 1, (n,), generator=g)  # left padding: row b keeps its last lengths[b] tokens
     mask[torch.arange(p) < (p - lengths)[:, None]] = 0
     ids[mask == 0] = tokenizer.pad_token_id
+    ids, mask = ids.to(options.device), mask.to(options.device)
+    sync = torch.cuda.synchronize if torch.device(options.device).type == "cuda" else (lambda: None)
     contenders = {
         "generate": lambda: generate(model, ids, mask, steps, tokenizer.pad_token_id),
         "loop": lambda: loop(model, ids, mask, steps),
@@ -100,13 +107,15 @@ def main(argv: list[str] | None = None) -> None:
         for name, fn in contenders.items():
             gc.collect()
             torch.manual_seed(options.seed + round_)
+            sync()
             start = time.perf_counter()
             tokens[name] = fn()
+            sync()
             seconds[name].append(time.perf_counter() - start)
         if not all(torch.equal(t, tokens["generate"]) for t in tokens.values()):
             raise SystemExit(f"round {round_}: the contenders drew different tokens")
     profiles = {name: op_profile(fn) for name, fn in contenders.items()}
-    print(f"\n{options.model}: {n} sequences, prompts <= {p} tokens (left-padded), {steps} new tokens; torch threads "
+    print(f"\n{options.model} on {options.device}: {n} sequences, prompts <= {p} tokens (left-padded), {steps} new tokens; torch threads "
           f"{torch.get_num_threads()}; same tokens in every round; medians of {options.rounds - 1} alternating rounds after 1 warm-up\n")
     print("| contender | median (s) | / generate | per round (s) | aten ops | MiB allocated |")
     print("| --- | ---: | ---: | --- | ---: | ---: |")

@@ -120,7 +120,7 @@ def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_st
 
     config = GRPOConfig(
         output_dir=out,
-        use_cpu=True,
+        use_cpu=torch.device(args.device).type == "cpu",
         per_device_train_batch_size=args.n_envs,
         num_generations=generations,
         max_completion_length=args.max_new_tokens,
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
             gc.collect()
             ppokl[mode].append(ppokl_iteration(model, callback, mode))
         tokens = args.n_envs * (args.max_prompt_tokens + args.max_new_tokens)
-        rates.append(gemm_rate(model.policy.lm, tokens, dtype=torch.bfloat16 if options.precision == "bf16" else torch.float32))
+        rates.append(gemm_rate(model.policy.lm, tokens, dtype=torch.bfloat16 if options.precision == "bf16" else torch.float32,
+                               device=model.policy.device))
 
     with tempfile.TemporaryDirectory() as out:
         trainer, timer = grpo_trainer(args, env, options.rounds, options.generations, out, ppokl_round,
