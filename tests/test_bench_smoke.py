@@ -133,3 +133,10 @@ def test_bench_trl_dropin(tiny_config, precision):
                      "--precision", precision)  # fmt: skip
     for name in ("GRPOTrainer", "KLGRPOTrainer k3-ratio", "KLGRPOTrainer reinforce-future-is", "KLGRPOTrainer analytic-future-is"):
         assert f"| {name} |" in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message shown without CUDA")
+def test_cuda_check_script_without_cuda_exits_2():
+    done = subprocess.run(["bash", str(BENCH / "cuda_check.sh")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PY": sys.executable, "OUT": str(REPO / ".pytest_cache" / "cuda")})  # fmt: skip
+    assert done.returncode == 2 and "no CUDA device" in done.stderr

@@ -76,3 +76,34 @@ def test_sample_episodes_draws_the_tokens_of_generate(tiny_lm_path):
         expected = generate(model.policy.lm, ids, mask, len(steps), env.venv.task.pad_id)
         for t, step in enumerate(steps):
             assert torch.equal(step.actions[step.active], expected[step.active, t])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decoder_loop_draws_the_tokens_of_generate_on_cuda(tiny_lm_path):
+    model, tokenizer = load_causal_lm(tiny_lm_path)
+    model.cuda()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 0, 0, 0, 13]]).cuda()
+    mask = (ids != 0).long()
+    torch.manual_seed(0)
+    expected = generate(model, ids, mask, 6, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    decoder, tokens = IncrementalDecoder(model), []
+    out = decoder.prefill(ids, mask)
+    for t in range(6):
+        tokens.append(sample_categorical(out.logits)[0])
+        if t < 5:
+            out = decoder.append(tokens[-1])
+    assert torch.equal(torch.stack(tokens, 1), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cast_lm_head_to_fp32_on_cuda(tiny_lm_path):
+    from agents.device import autocast_forward, fp32_output_layer
+
+    model = load_causal_lm(tiny_lm_path)[0].cuda()
+    autocast_forward(model, torch.bfloat16)
+    fp32_output_layer(model)
+    out = model(input_ids=torch.tensor([[5, 6, 7]]).cuda(), output_hidden_states=True)
+    assert out.logits.dtype == torch.float32
+    expected = torch.nn.functional.linear(out.hidden_states[-1].float(), model.get_output_embeddings().weight)
+    torch.testing.assert_close(out.logits, expected)
