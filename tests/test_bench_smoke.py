@@ -82,6 +82,7 @@ def test_bench_sampler(tiny_lm_path):
                      "--max-new-tokens", "3", "--rounds", "2")  # fmt: skip
     for name in ("generate", "loop", "loop, Categorical"):
         assert f"| {name} |" in out
+    assert "same tokens in every round" in out
 
 
 def test_bench_precision(tiny_lm_path):
