@@ -25,12 +25,12 @@ import statistics
 import tempfile
 
 import torch
+from bench_fused import _reset_peak_rss, _status_bytes
+from bench_trl import grpo_trainer, spread
 from transformers import TrainerCallback
 
 from agents.config import parse_args
 from agents.ppo_kl import make_envs
-from bench_fused import _reset_peak_rss, _status_bytes
-from bench_trl import grpo_trainer, spread
 
 ESTIMATORS = ("k3-ratio", "reinforce-future-is", "analytic-future-is")
 
