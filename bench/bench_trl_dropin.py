@@ -59,13 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     options, run_flags = parser.parse_known_args(argv)
     if options.rounds < 2:
-        raise SystemExit("--rounds must be >= 2 (the first is a warm-up)")
+        parser.exit(2, "--rounds must be >= 2 (the first is a warm-up)\n")
     from kl_estimators.info import ESTIMATOR_INFO
     from kl_estimators.integrations.trl import KLGRPOTrainer
 
     unknown = [name for name in options.estimators if name not in ESTIMATOR_INFO]
     if unknown:
-        raise SystemExit(f"unknown --estimators {unknown}: choose from {tuple(ESTIMATOR_INFO)}")
+        parser.exit(2, f"unknown --estimators {unknown}: choose from {tuple(ESTIMATOR_INFO)}\n")
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     args = parse_args(["--config", options.config, "--eval-every", "0", "--seed", str(options.seed), *run_flags])
