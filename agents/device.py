@@ -6,6 +6,8 @@
   state and the updates stay float32 (a 1e-6 learning rate is below bfloat16's resolution of
   2^-8 relative, so bfloat16 master weights would not move). Logits are cast to float32 before
   every log-softmax and KL (``CausalLMPolicy.sequence_forward``, ``lmgym.decoding``).
+- ``fp32_output_layer`` (``--cast-lm-head-to-fp32``): the output layer of the policy and of the
+  reference in float32 under autocast; bfloat16 logits are the main error of the KL under bf16.
 - The frozen reference model never updates, so it can simply hold bfloat16 weights
   (``cast_frozen``): half the memory, logits still returned in float32.
 - Activation (gradient) checkpointing of the policy's decoder layers: each layer's activations
@@ -64,6 +66,32 @@ def autocast_forward(module: nn.Module, dtype: torch.dtype) -> None:
             return forward(*args, **kwargs)
 
     module.forward = autocast_forward_call
+
+
+def fp32_output_layer(model: PreTrainedModel) -> PreTrainedModel:
+    """Make ``model``'s output layer run in float32 outside any autocast (idempotent; TRL's
+    ``cast_lm_head_to_fp32``): logits = float32(h) float32(W)^T (+ bias).
+
+    Under bfloat16 autocast the output layer's bfloat16 logits dominate the KL's error
+    (bench/bench_precision.py: about 10x the error of a bfloat16 trunk with a float32 head on
+    SmolLM2-135M). A weight stored in half precision (a ``cast_frozen`` reference) is upcast at
+    each call; the float32 master weights of a trained policy are used as they are, so the
+    gradient reaches them unchanged (tied input embeddings included).
+    """
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "_agents_fp32", False):
+        return model
+    forward = head.forward
+
+    @functools.wraps(forward)
+    def float32_forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = float32_forward
+    head._agents_fp32 = True
+    return model
 
 
 def cast_frozen(model: PreTrainedModel, dtype: torch.dtype) -> None:

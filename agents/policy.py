@@ -20,7 +20,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
-from agents.device import autocast_forward, check_dtype, enable_activation_checkpointing, set_checkpointing_active
+from agents.device import autocast_forward, check_dtype, enable_activation_checkpointing, fp32_output_layer, set_checkpointing_active
 from agents.lora import add_lora
 from lmgym.assets import load_causal_lm
 from lmgym.decoding import contiguous_output_layer, forward_last
@@ -66,6 +66,7 @@ class CausalLMPolicy(BasePolicy):
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
         lora_rank: int = 0,
+        cast_lm_head_to_fp32: bool = False,
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
         optimizer_kwargs: dict[str, Any] | None = None,
@@ -84,7 +85,10 @@ class CausalLMPolicy(BasePolicy):
         self.dtype = dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.lora_rank = lora_rank
+        self.cast_lm_head_to_fp32 = cast_lm_head_to_fp32
         self.lm = contiguous_output_layer(load_causal_lm(model)[0])
+        if cast_lm_head_to_fp32:
+            fp32_output_layer(self.lm)
         if lora_rank:
             add_lora(self.lm, lora_rank)
         if check_dtype(dtype) != torch.float32:
@@ -119,6 +123,7 @@ class CausalLMPolicy(BasePolicy):
             dtype=self.dtype,
             gradient_checkpointing=self.gradient_checkpointing,
             lora_rank=self.lora_rank,
+            cast_lm_head_to_fp32=self.cast_lm_head_to_fp32,
         )
         return data
 

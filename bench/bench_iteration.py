@@ -159,18 +159,22 @@ class HFBaseline:
         return middle - start, time.perf_counter() - middle
 
 
-def gemm_rate(model: nn.Module, rows: int, repeats: int = 5) -> float:
-    """FLOP/s of ``F.linear`` over every Linear weight of ``model`` (lm_head included) on ``rows`` token rows."""
+def gemm_rate(model: nn.Module, rows: int, repeats: int = 5, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> float:
+    """FLOP/s of ``F.linear`` in ``dtype`` on ``device`` over every Linear weight of ``model`` (lm_head
+    included) on ``rows`` token rows."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     shapes = [module.weight.shape for module in model.modules() if isinstance(module, nn.Linear)]
     flops, seconds = 0.0, 0.0
     for shape in sorted(set(shapes)):
-        weight = torch.randn(shape)
-        x = torch.randn(rows, shape[1])
+        weight = torch.randn(shape, dtype=dtype, device=device)
+        x = torch.randn(rows, shape[1], dtype=dtype, device=device)
         torch.nn.functional.linear(x, weight)
         times = []
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             torch.nn.functional.linear(x, weight)
+            sync()
             times.append(time.perf_counter() - start)
         count = shapes.count(shape)
         flops += count * 2 * rows * shape[0] * shape[1]

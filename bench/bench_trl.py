@@ -10,15 +10,24 @@ PPOKL iteration per mode, so load from other processes hits all contenders alike
   ``train`` step (generate, reward, reference forward, loss, backward, optimizer step) on
   ``n_envs`` completions as ``n_envs / generations`` prompts x ``generations``, at most
   ``max_new_tokens`` tokens each, the config's prompts (truncated to ``max_prompt_tokens``) and
-  reward, ``beta = kl_coef``, float32, ``adamw_torch_fused``, constant learning rate, no gradient
-  checkpointing, no vLLM, on CPU.
+  reward, ``beta = kl_coef``, ``adamw_torch_fused``, constant learning rate, no gradient
+  checkpointing, no vLLM, on CPU. Its rollout phase is the time in
+  ``_generate_and_score_completions`` (generation, reward, reference and old-policy forwards), of
+  which ``generate`` is the time in ``_generate``; its update is the rest of the step.
 
-The first round is a warm-up; the table gives medians (min-max) of the others. The last row is
-PPOKL's FLOP floor (``bench_iteration.work_flops``: its rollout's and update's matmuls, at the
-GEMM rate measured in every round with the model's own weight shapes): no implementation of
-PPOKL's work in float32 on this machine can beat it, so floor / TRL bounds the reachable ratio.
+``--precision``: ``fp32`` (float32 everywhere) or ``bf16`` (TRL's default ``bf16=True``:
+autocast over float32 weights; PPOKL: ``--dtype bfloat16``, the policy under autocast over
+float32 weights and the frozen reference stored in bfloat16; add ``--cast-lm-head-to-fp32`` to
+keep both output layers in float32, and TRL's ``--trl-cast-lm-head-to-fp32``, which TRL supports
+only for untied heads).
 
-    python bench/bench_trl.py [--config configs/demo.yaml] [--rounds 8] [--threads 1] [any agents.ppo_kl flag]
+The first round is a warm-up; the table gives medians (min-max) of the others, then every
+round's iteration times. The last row is PPOKL's FLOP floor (``bench_iteration.work_flops``: its
+rollout's and update's matmuls, at the GEMM rate in the run's precision measured in every round
+with the model's own weight shapes): no implementation of PPOKL's work in that precision on this
+machine can beat it, so floor / TRL bounds the reachable ratio.
+
+    python bench/bench_trl.py [--config configs/demo.yaml] [--rounds 8] [--threads 1] [--precision fp32|bf16] [any agents.ppo_kl flag]
 """
 
 from __future__ import annotations
@@ -54,8 +63,31 @@ def ppokl_iteration(model: PPOKL, callback: CallbackList, mode: str) -> tuple[fl
     return middle - start, time.perf_counter() - middle
 
 
-def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_step_end):
-    """A GRPOTrainer doing one PPOKL iteration's work per step; ``on_step_end()`` runs after each."""
+class PhaseTimer:
+    """Seconds spent in a wrapped method, summed since the last ``take()``."""
+
+    def __init__(self, obj, name: str):
+        self.seconds = 0.0
+        method = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        setattr(obj, name, timed)
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_step_end, bf16: bool = False, cast_head: bool = False,
+                 trainer_class=None, max_steps: int | None = None, **trainer_kwargs):
+    """A GRPOTrainer (or ``trainer_class`` with ``trainer_kwargs``) doing one PPOKL iteration's
+    work per step, ``max_steps`` steps per ``train()`` (None: ``rounds``); ``on_step_end()`` runs after each."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -72,18 +104,23 @@ def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_st
     class Timer(TrainerCallback):
         def __init__(self):
             self.seconds: list[float] = []
+            self.rollout: list[float] = []
+            self.generate: list[float] = []
 
         def on_step_begin(self, *a, **k):
             gc.collect()
+            self.phases[0].take(), self.phases[1].take()
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             self.seconds.append(time.perf_counter() - self.start)
+            self.rollout.append(self.phases[0].take())
+            self.generate.append(self.phases[1].take())
             on_step_end()
 
     config = GRPOConfig(
         output_dir=out,
-        use_cpu=True,
+        use_cpu=torch.device(args.device).type == "cpu",
         per_device_train_batch_size=args.n_envs,
         num_generations=generations,
         max_completion_length=args.max_new_tokens,
@@ -94,10 +131,11 @@ def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_st
         optim="adamw_torch_fused",
         weight_decay=0.0,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=bf16,
         fp16=False,
+        cast_lm_head_to_fp32=cast_head,
         model_init_kwargs={"dtype": torch.float32},
-        max_steps=rounds,
+        max_steps=rounds if max_steps is None else max_steps,
         logging_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -105,14 +143,16 @@ def grpo_trainer(args: Args, env, rounds: int, generations: int, out: str, on_st
         disable_tqdm=True,
     )
     timer = Timer()
-    trainer = GRPOTrainer(
+    trainer = (trainer_class or GRPOTrainer)(
         model=resolve(args.model),
         reward_funcs=reward,
         args=config,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=load_tokenizer(args.model),
         callbacks=[timer],
+        **trainer_kwargs,
     )
+    timer.phases = (PhaseTimer(trainer, "_generate_and_score_completions"), PhaseTimer(trainer, "_generate"))
     return trainer, timer
 
 
@@ -127,9 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--generations", type=int, default=4, help="GRPO completions per prompt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32, or bf16: TRL's default bf16=True and PPOKL's --dtype bfloat16 (autocast, float32 weights)")
+    parser.add_argument("--trl-cast-lm-head-to-fp32", action="store_true", help="TRL's cast_lm_head_to_fp32 (untied heads only)")
     options, run_flags = parser.parse_known_args(argv)
     if options.rounds < 2:
         raise SystemExit("--rounds must be >= 2 (the first is a warm-up)")
+    if options.precision == "bf16":
+        run_flags = ["--dtype", "bfloat16", *run_flags]
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     args = parse_args(["--config", options.config, "--eval-every", "0", "--seed", str(options.seed), *run_flags])
@@ -145,10 +190,13 @@ def main(argv: list[str] | None = None) -> None:
         for mode in MODES:
             gc.collect()
             ppokl[mode].append(ppokl_iteration(model, callback, mode))
-        rates.append(gemm_rate(model.policy.lm, args.n_envs * (args.max_prompt_tokens + args.max_new_tokens)))
+        tokens = args.n_envs * (args.max_prompt_tokens + args.max_new_tokens)
+        rates.append(gemm_rate(model.policy.lm, tokens, dtype=torch.bfloat16 if options.precision == "bf16" else torch.float32,
+                               device=model.policy.device))
 
     with tempfile.TemporaryDirectory() as out:
-        trainer, timer = grpo_trainer(args, env, options.rounds, options.generations, out, ppokl_round)
+        trainer, timer = grpo_trainer(args, env, options.rounds, options.generations, out, ppokl_round,
+                                      bf16=options.precision == "bf16", cast_head=options.trl_cast_lm_head_to_fp32)
         trainer.train()
     rows = {f"PPOKL {mode}": [r + u for r, u in times[1:]] for mode, times in ppokl.items()}
     rows["TRL GRPOTrainer"] = timer.seconds[1:]
@@ -156,20 +204,26 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n{options.config}: {args.n_envs} completions of <= {args.max_new_tokens} tokens per iteration "
           f"(GRPO: {args.n_envs // options.generations} prompts x {options.generations}), prompts <= "
-          f"{args.max_prompt_tokens} tokens, {args.n_epochs} PPO epoch(s); trl {trl.__version__}; torch threads "
+          f"{args.max_prompt_tokens} tokens, {args.n_epochs} PPO epoch(s); precision {options.precision} (PPOKL --dtype {args.dtype}"
+          f"{', --cast-lm-head-to-fp32' if args.cast_lm_head_to_fp32 else ''}); trl {trl.__version__}; torch threads "
           f"{torch.get_num_threads()}; medians (min-max) of {options.rounds - 1} alternating rounds after 1 warm-up\n")
-    print("| contender | iteration (s) | rollout (s) | update (s) | / TRL |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| contender | iteration (s) | rollout (s) | of which generate (s) | update (s) | / TRL |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     trl_median = statistics.median(rows["TRL GRPOTrainer"])
     for mode, times in ppokl.items():
         measured = times[1:]
         print(f"| PPOKL {mode} | {spread(rows[f'PPOKL {mode}'])} | {spread([r for r, _ in measured])} | "
-              f"{spread([u for _, u in measured])} | {statistics.median(rows[f'PPOKL {mode}']) / trl_median:.2f} |")
-    print(f"| TRL GRPOTrainer | {spread(rows['TRL GRPOTrainer'])} | - | - | 1.00 |")
+              f"- | {spread([u for _, u in measured])} | {statistics.median(rows[f'PPOKL {mode}']) / trl_median:.2f} |")
+    trl_update = [s - r for s, r in zip(timer.seconds[1:], timer.rollout[1:])]
+    print(f"| TRL GRPOTrainer | {spread(rows['TRL GRPOTrainer'])} | {spread(timer.rollout[1:])} | {spread(timer.generate[1:])} | "
+          f"{spread(trl_update)} | 1.00 |")
     rate = statistics.median(rates[1:])
     floor = flop_floor(work_flops(model.policy.lm, args), rate)
-    print(f"| PPOKL FLOP floor at {rate / 1e9:.0f} GFLOP/s | {sum(floor.values()):.2f} | {floor['rollout']:.2f} | "
-          f"{floor['update']:.2f} | {sum(floor.values()) / trl_median:.2f} |", flush=True)
+    print(f"| PPOKL FLOP floor at {rate / 1e9:.0f} GFLOP/s ({options.precision}) | {sum(floor.values()):.2f} | "
+          f"{floor['rollout']:.2f} | - | {floor['update']:.2f} | {sum(floor.values()) / trl_median:.2f} |")
+    print("\nper round (s), iteration:")
+    for name, times in rows.items():
+        print(f"- {name}: {', '.join(f'{t:.2f}' for t in times)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,3 +97,32 @@ def test_cuda_rollout_update_evaluation_checkpoint_and_resume(tiny_lm_path, tmp_
         assert torch.equal(a, b)
     loaded.learn(total_timesteps=loaded.n_envs * loaded.n_steps, reset_num_timesteps=False)
     assert loaded.n_iterations == 2
+
+
+def test_cast_lm_head_to_fp32_gives_float32_logits_of_the_bfloat16_trunk(tiny_lm_path):
+    """Under bfloat16 autocast with ``cast_lm_head_to_fp32`` the output layer runs in float32 on the
+    trunk's hidden states (exactly an fp32 linear of them), the weights get gradients, and a
+    bfloat16-stored frozen model's head also returns float32 logits."""
+    from agents.device import cast_frozen, fp32_output_layer
+    from lmgym.assets import load_causal_lm
+
+    model = make_model(tiny_lm_path, policy_kwargs={"dtype": "bfloat16", "cast_lm_head_to_fp32": True}, **KL_CONFIG)
+    lm = model.policy.lm
+    seen = lm_head_dtypes(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = lm(input_ids=ids, output_hidden_states=True)
+    head = lm.get_output_embeddings()
+    assert seen == [torch.float32] and out.logits.dtype == torch.float32
+    expected = torch.nn.functional.linear(out.hidden_states[-1].float(), head.weight)
+    torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
+    out.logits.sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    assert model.policy._get_constructor_parameters()["cast_lm_head_to_fp32"] is True
+    frozen = load_causal_lm(tiny_lm_path)[0]
+    cast_frozen(frozen, torch.bfloat16)
+    fp32_output_layer(fp32_output_layer(frozen))  # idempotent
+    with torch.no_grad():
+        frozen_out = frozen(input_ids=ids, output_hidden_states=True)
+    assert frozen_out.logits.dtype == torch.float32
+    w = frozen.get_output_embeddings().weight.float()
+    torch.testing.assert_close(frozen_out.logits, frozen_out.hidden_states[-1].float() @ w.T, rtol=0, atol=0)

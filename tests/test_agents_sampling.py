@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from agents.rollout import sampling
 from agents.rollout.reference import Reference
 from agents.rollout.sampling import sample_episodes, trim_left_padding
 from tests.helpers.ppokl import make_env, make_model
@@ -13,16 +14,16 @@ EOS_AT = {1: [1], 3: [0, 2]}  # sampler call -> rows forced to write EOS (episod
 
 
 def rollout(model, env, seed: int, monkeypatch) -> list:
-    original = torch.distributions.Categorical.sample
+    original = sampling.sample_categorical
     calls = []
 
-    def sample_with_forced_eos(self, *args, **kwargs):
-        actions = original(self, *args, **kwargs)
+    def sample_with_forced_eos(logits):
+        actions, _ = original(logits)
         actions[EOS_AT.get(len(calls), [])] = env.venv.task.eos_id
         calls.append(1)
-        return actions
+        return actions, logits.log_softmax(-1).gather(-1, actions[:, None]).squeeze(-1)
 
-    monkeypatch.setattr(torch.distributions.Categorical, "sample", sample_with_forced_eos)
+    monkeypatch.setattr(sampling, "sample_categorical", sample_with_forced_eos)
     env.seed(seed)
     obs = env.reset()
     torch.manual_seed(seed)

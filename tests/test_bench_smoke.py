@@ -42,14 +42,19 @@ def tiny_config(tiny_lm_path, tmp_path_factory) -> Path:
 
 
 def test_every_bench_script_has_a_smoke_test():
-    tested = {"bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_memory.py", "bench_ranks.py",
-              "bench_trl.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
+    tested = {"bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_memory.py", "bench_precision.py",
+              "bench_ranks.py", "bench_sampler.py", "bench_trl.py", "bench_trl_dropin.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
 
 def test_bench_fused_small():
     out = run_script("bench_fused.py", "--small")
     assert "| 300 | 16 | 2 x 3 | unfused |" in out and "| 300 | 16 | 2 x 3 | fused |" in out
+
+
+def test_bench_fused_against_trl_small():
+    out = run_script("bench_fused.py", "--small", "--modes", "fused", "trl", "--kl-only")
+    assert "| 300 | 16 | 2 x 3 | fused |" in out and "| 300 | 16 | 2 x 3 | trl |" in out
 
 
 def test_bench_fused_marks_what_does_not_fit():
@@ -72,6 +77,20 @@ def test_bench_memory(tiny_lm_path):
                      "--batch-size", "2", "--repeats", "1")  # fmt: skip
     for mode in ("store", "recompute", "hidden"):
         assert f"| {mode} |" in out
+
+
+def test_bench_sampler(tiny_lm_path):
+    out = run_script("bench_sampler.py", "--model", tiny_lm_path, "--n-envs", "3", "--prompt-tokens", "4",
+                     "--max-new-tokens", "3", "--rounds", "2")  # fmt: skip
+    for name in ("generate", "loop", "loop, Categorical"):
+        assert f"| {name} |" in out
+    assert "same tokens in every round" in out
+
+
+def test_bench_precision(tiny_lm_path):
+    out = run_script("bench_precision.py", "--model", tiny_lm_path, "--batch", "2", "--length", "4")
+    for name in ("float32", "bf16 head, fp32 KL", "bf16 trunk, fp32 head", "bf16 trunk and head, fp32 KL"):
+        assert f"| {name} |" in out
 
 
 def test_bench_ranks(tiny_lm_path):
@@ -103,6 +122,24 @@ def test_compare_kl_variants(tiny_config, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl (the frameworks extra) is not installed")
-def test_bench_trl(tiny_config):
-    out = run_script("bench_trl.py", "--config", str(tiny_config), "--rounds", "2", "--generations", "2")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_trl(tiny_config, precision):
+    out = run_script("bench_trl.py", "--config", str(tiny_config), "--rounds", "2", "--generations", "2", "--precision", precision)
+    assert f"precision {precision} (PPOKL --dtype {'bfloat16' if precision == 'bf16' else 'float32'}" in out
+    assert "- TRL GRPOTrainer: " in out
     assert "| PPOKL hidden |" in out and "| PPOKL store |" in out and "| TRL GRPOTrainer |" in out and "| PPOKL FLOP floor at " in out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_trl_dropin(tiny_config, precision):
+    out = run_script("bench_trl_dropin.py", "--config", str(tiny_config), "--rounds", "2", "--generations", "2",
+                     "--precision", precision)  # fmt: skip
+    for name in ("GRPOTrainer", "KLGRPOTrainer k3-ratio", "KLGRPOTrainer reinforce-future-is", "KLGRPOTrainer analytic-future-is"):
+        assert f"| {name} |" in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message shown without CUDA")
+def test_cuda_check_script_without_cuda_exits_2():
+    done = subprocess.run(["bash", str(BENCH / "cuda_check.sh")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PY": sys.executable, "OUT": str(REPO / ".pytest_cache" / "cuda")})  # fmt: skip
+    assert done.returncode == 2 and "no CUDA device" in done.stderr

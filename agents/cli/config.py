@@ -89,6 +89,7 @@ class Args:
     out: str = _run("runs/ppo_kl", "output directory: metrics.csv, checkpoint.safetensors, policy/, curves.png, SB3 logs")
     device: str = _run("cpu", "torch device: cpu, cuda, cuda:N or mps (under torchrun each rank uses cuda:LOCAL_RANK)")
     dtype: str = _run("float32", "compute dtype: bfloat16 runs the policy under autocast (float32 weights) and stores the frozen reference in bfloat16", choices=DTYPE_NAMES, ppokl="policy_kwargs.dtype")
+    cast_lm_head_to_fp32: bool = _run(False, "run the output layer of the policy and the reference in float32 under --dtype bfloat16 (TRL's cast_lm_head_to_fp32): bfloat16 logits are the main error of the KL (docs/benchmarks.md)", ppokl="policy_kwargs.cast_lm_head_to_fp32")
     gradient_checkpointing: bool = _run(False, "recompute the policy's layer activations in backward (less memory, one more forward)", ppokl="policy_kwargs.gradient_checkpointing")
     eval_every: int = _run(5, "evaluate on held-out prompts every N iterations (0: never)")
     eval_prompts: int = _run(16, "held-out prompts per evaluation")

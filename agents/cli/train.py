@@ -23,7 +23,7 @@ from agents import distributed
 from agents.algorithm import PPOKL
 from agents.state.checkpoint import CheckpointMeta, read_meta
 from agents.cli.config import Args, differing_settings, ppokl_settings
-from agents.device import DTYPES, cast_frozen
+from agents.device import DTYPES, cast_frozen, fp32_output_layer
 from agents.cli.finish import finish
 from agents.lora import share_base_as_reference
 from agents.cli.monitor import TrainingMonitor
@@ -68,6 +68,8 @@ def make_envs(args: Args) -> tuple[LMGymVecEnv, LMGymVecEnv | None]:
         **common,
     )
     cast_frozen(train.unwrapped.reference_model, DTYPES[args.dtype])
+    if args.cast_lm_head_to_fp32:
+        fp32_output_layer(train.unwrapped.reference_model)
     if not args.eval_every or not distributed.is_main():
         return LMGymVecEnv(train), None
     evaluation = gym.make_vec(

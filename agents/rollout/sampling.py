@@ -21,6 +21,7 @@ import torch
 from sb3_contrib.common.maskable.distributions import MaskableCategorical
 
 import kl_estimators
+from agents.rollout.categorical import sample_categorical
 from agents.rollout.masking import masked_logits
 from agents.policy import CausalLMPolicy
 from agents.rollout.records import SampledStep
@@ -92,17 +93,19 @@ def sample_episodes(
             logits = out.logits.float().cpu()
             values = policy.values_from_hidden(out.hidden).cpu()
             if masks is None:
-                step_masks, dist = None, torch.distributions.Categorical(logits=logits)
+                step_masks = None
+                actions, logprobs = sample_categorical(logits)
             else:
                 step_masks = masks.current()
                 dist = MaskableCategorical(logits=logits, masks=step_masks)
                 logits = masked_logits(logits, step_masks)
-            actions = dist.sample()
+                actions = dist.sample()
+                logprobs = dist.log_prob(actions)
         new_obs, rewards, dones, infos = env.step(actions.numpy())
         step = SampledStep(
             active=active.clone(),
             actions=actions,
-            logprobs=dist.log_prob(actions),
+            logprobs=logprobs,
             values=values,
             rewards=rewards,
             dones=dones,
