@@ -46,6 +46,7 @@ class CausalLMPolicy(BasePolicy):
         vf_learning_rate: the value head's learning rate.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the LM's forward (autocast).
         gradient_checkpointing: recompute activations in the backward to save memory.
+        cast_lm_head_to_fp32: run the output layer in float32 under autocast (``agents.device.fp32_output_layer``).
         lora_rank: > 0 trains LoRA adapters of this rank instead of the whole LM (needs peft).
         use_sde: must be False (SB3's argument; token actions are discrete).
         optimizer_class: the optimiser.
