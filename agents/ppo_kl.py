@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
         args = parse_args(argv)
         from agents.cli.train import run  # torch, transformers and SB3 load here
+    except OSError as error:  # a flag's path the system refuses (too long, not readable, ...)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     except RecursionError:
         print("error: the --config file is nested too deeply", file=sys.stderr)
         return 2

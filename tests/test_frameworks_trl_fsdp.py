@@ -23,10 +23,12 @@ from tests.helpers.trl_setup import build, fixed_batch, perturb  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ("analytic-future-is", "reinforce-future-is"))
 def test_fsdp2_two_processes_match_one(tiny_lm_path, tiny_tokenizer, tmp_path, estimator):
     out = tmp_path / "fsdp.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # torchrun's elastic agent leaves torchelastic_* folders in TMPDIR: give it the test's own
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "tests" / "helpers" / "fsdp_trl_worker.py"), tiny_lm_path, estimator, str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

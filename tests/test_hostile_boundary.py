@@ -89,12 +89,12 @@ def test_full_disk_reported_by_safetensors_is_one_line(own_model, tmp_path, caps
     ids=["MemoryError", "torch-cpu-allocator"],
 )
 def test_out_of_memory_is_one_line(error, own_model, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import agents.ppo_kl as ppo_kl
+    import agents.cli.train as train
 
     def oom(args):
         raise error
 
-    monkeypatch.setattr(ppo_kl, "make_envs", oom)
+    monkeypatch.setattr(train, "make_envs", oom)
     code, err = run_main(tiny_run_flags(str(own_model), tmp_path / "run", 1), capsys)
     assert code == 2 and "out of memory" in one_line(err)
 
@@ -139,25 +139,12 @@ def test_manifest_that_is_a_symlink_is_refused(finished, tmp_path, capsys):  # n
     assert json.loads((tmp_path / "m.json").read_text())["format"] == "ppokl-run/1"
 
 
-def _package_import_is_lazy() -> bool:
-    """Whether ``import agents`` leaves torch and SB3 unloaded (the lazy agents/__init__ of issue
-    26): only then does ``python -m agents.ppo_kl`` reach its own start-up handler at once."""
-    import subprocess
-    import sys
-
-    code = "import sys, agents; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    return done.stdout.strip() == "False"
-
-
 @pytest.mark.parametrize("after", [0.5, 2.0])
 def test_ctrl_c_during_start_up_is_one_line_exit_130(after, own_model, tmp_path):  # noqa: F811
     import subprocess
     import sys
     import time
 
-    if not _package_import_is_lazy():
-        pytest.xfail("agents/__init__ imports torch before agents.ppo_kl can install its start-up handler (lazy on main, issue 26)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "agents.ppo_kl", *tiny_run_flags(str(own_model), tmp_path / "run", 1)]
     process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=env, stderr=subprocess.PIPE, text=True)

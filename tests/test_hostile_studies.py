@@ -114,7 +114,7 @@ def test_two_studies_on_one_study_dir_the_second_is_refused(tmp_path, tiny_lm_pa
     with lock_run_dir(study_dir):
         code = study_lm.main(["--config", str(config), "--study-dir", str(study_dir), "--results", str(tmp_path / "r"), "--seeds", "0", "--betas", "0.1", "--variants", "k1"])
     assert code == 2 and "in use" in capsys.readouterr().err
-    assert json.dumps(sorted(p.name for p in study_dir.iterdir())) == json.dumps([".lock"])
+    assert json.dumps(sorted(p.name for p in study_dir.iterdir())) == json.dumps([])  # the lock file goes with the lock
 
 
 @pytest.mark.parametrize("content", [b"{", b"\xff", b"[" * 100_000])

@@ -70,8 +70,13 @@ def test_controllers_refuse_non_finite_or_negative_settings(bad):
         AdaptiveKLController(0.1, bad, 10)
 
 
-def test_adaptive_factor_is_never_negative():
-    """KL far below target over more than 5 horizons: e = -0.2 would give 1 - 0.2 n / H < 0."""
+def test_adaptive_step_that_would_turn_beta_negative_is_refused():
+    """KL far below target over 5 horizons or more: e = -0.2 would give 1 - 0.2 n / H <= 0, so the
+    step is refused and beta is left as it was; just below 5 horizons beta shrinks but stays > 0."""
     controller = AdaptiveKLController(0.5, target=1.0, horizon=10)
-    assert controller.update(0.0, 100) == 0.0
-    assert controller.update(2.0, 100) == 0.0  # beta stays at 0 (a multiplicative controller cannot leave it)
+    with pytest.raises(ValueError, match="5 x horizon"):
+        controller.update(0.0, 50)
+    assert controller.value == 0.5
+    assert 0.0 < controller.update(0.0, 49) < 0.5
+
+

@@ -45,10 +45,7 @@ def check_kl_arguments(kl_estimator: Any, beta: Any, weight_clip: Any, chunk_siz
         raise ValueError(f"kl_estimator must be one of {tuple(ESTIMATOR_INFO)}, got {kl_estimator!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"KLGRPOTrainer needs GRPOConfig(beta > 0), finite: beta is the KL coefficient, got {beta!r}")
-    check_weight_clip(weight_clip)
-    bounds = weight_clip if isinstance(weight_clip, tuple) else (weight_clip,)
-    if weight_clip is not None and not all(math.isfinite(bound) for bound in bounds):
-        raise ValueError(f"weight_clip must be finite (None for no clipping), got {weight_clip!r}")
+    check_weight_clip(weight_clip)  # finite and in range
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
