@@ -11,7 +11,7 @@ import pytest
 
 import torch
 
-from agents.cli.config import build_parser, parse_args
+from agents.cli.config import build_parser, load_config, parse_args
 from agents.cli.ownership import claim
 from agents.ppo_kl import main
 from tests.helpers.cli import REPO, run_main, tiny_run_flags
@@ -190,3 +190,18 @@ def test_existing_run_is_not_overwritten_without_resume(tiny_lm_path, tmp_path, 
     assert main(tiny_run_flags(tiny_lm_path, out, 1)) == 2
     assert "--resume" in capsys.readouterr().err
     assert (out / "metrics.csv").read_text() == "iteration\n1\n" and (out / "args.json").read_text() == "{}"
+
+
+def test_a_misspelled_flag_gets_the_closest_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--kl-cof", "0.1", "--anlytic-grad"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "did you mean --kl-coef, --analytic-grad?" in err
+
+
+def test_a_misspelled_config_key_gets_the_closest_key(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("kl_cof: 0.1\n")
+    with pytest.raises(ValueError, match="did you mean kl_coef"):
+        load_config(config)

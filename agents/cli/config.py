@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -113,8 +114,17 @@ def _base_type(hint: Any) -> type:
 
 class _OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
-        """Exit 2 with one line naming the flag (argparse's default also prints the usage block)."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        """Exit 2 with one line naming the flag (argparse's default also prints the usage block),
+        with the closest flags for an unrecognised one (``--kl-cof``: did you mean --kl-coef?)."""
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)} (see --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        given = [word.split("=")[0] for word in message.removeprefix("unrecognized arguments: ").split() if word.startswith("--")]
+        close = [match for word in given for match in difflib.get_close_matches(word, known, n=1, cutoff=0.6)]
+        return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
 
 
 def _config_error(message: str) -> ValueError:
@@ -198,7 +208,9 @@ def load_config(path: Path) -> dict[str, Any]:
     hints = get_type_hints(Args)
     unknown = sorted(set(config) - set(hints))
     if unknown:
-        raise _config_error(f"unknown keys {unknown} in {path}")
+        close = [match for key in unknown for match in difflib.get_close_matches(key, list(hints), n=1, cutoff=0.6)]
+        hint = f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
+        raise _config_error(f"unknown keys {unknown} in {path}{hint}")
     return {name: _typed(name, value, hints[name]) for name, value in config.items()}
 
 
