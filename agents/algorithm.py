@@ -31,6 +31,7 @@ are those of pi^M, and the analytic KL is KL(pi^M || pi_ref) over the allowed to
 """
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections import deque
@@ -42,7 +43,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import Logger, make_output_format
+from stable_baselines3.common.logger import HumanOutputFormat, Logger
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -274,8 +275,8 @@ class PPOKL(PPO):
         self.kl_controller = self.make_kl_controller(self.kl_coef)
         self.n_iterations = 0
         self.rollout_stats: dict[str, float] = {}
-        # the weights the run started from, which a checkpoint records (agents.fingerprint)
-        reference = self.env.get_attr("task")[0].ref_model if self.env is not None else None
+        # the weights the run started from, which a checkpoint records (agents.state.fingerprint)
+        reference = self.env.reference_model if self.env is not None else None
         self.model_fingerprints = {
             "policy": weights_fingerprint(self.policy.lm),
             "reference": weights_fingerprint(reference) if reference is not None else None,
@@ -285,7 +286,7 @@ class PPOKL(PPO):
         """SB3's set-up of ``learn``, with a logger of this model's own when none was set: SB3's
         default would create an ``SB3-<timestamp>`` folder in the system temp directory."""
         if not self._custom_logger and self.tensorboard_log is None:
-            self.set_logger(Logger(folder=None, output_formats=[make_output_format("stdout", "")] if self.verbose >= 1 else []))
+            self.set_logger(Logger(folder=None, output_formats=[HumanOutputFormat(sys.stdout)] if self.verbose >= 1 else []))
         return super()._setup_learn(*args, **kwargs)
 
     def use_reference(self, model: torch.nn.Module) -> None:

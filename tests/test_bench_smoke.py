@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,13 @@ BENCH = REPO / "bench"
 
 
 def run_script(name: str, *flags: str, timeout: int = 600) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, str(BENCH / name), *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    """Run ``bench/name`` with ``flags``; its stdout. Its TMPDIR is its own, removed afterwards
+    (torchrun's elastic agent leaves torchelastic_* folders there)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": tmp}
+        done = subprocess.run(
+            [sys.executable, str(BENCH / name), *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
