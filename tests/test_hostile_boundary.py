@@ -152,3 +152,10 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(after, own_model, tmp_path)
     process.send_signal(signal.SIGINT)
     err = process.communicate(timeout=120)[1]
     assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
+
+
+def test_a_too_deeply_nested_config_is_one_line_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "deep.yaml"
+    config.write_text("a: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    code, err = run_main(["--config", str(config), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and str(config) in one_line(err), err

@@ -202,6 +202,8 @@ def load_config(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise _config_error(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise _config_error(f"{path} is nested too deeply") from None
     if not isinstance(data, dict):
         raise _config_error(f"{path} must hold a mapping of flag names to values, not a {type(data).__name__}")
     config = {str(key).replace("-", "_"): value for key, value in data.items()}
