@@ -2,6 +2,8 @@
 input: exit code 2, one line naming the flag, no traceback, nothing in --out touched)."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import subprocess
 import sys
@@ -49,11 +51,11 @@ def test_help_documents_every_flag_with_its_real_default(capsys):
         build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--analytic-grad", "--kl-reward", "--kl-loss", "--kl-coef", "--target-kl", "--resume", "--config", "--eval-every"):
+    for flag in ("--analytic-grad", "--kl-reward", "--kl-loss", "--kl-coef", "--kl-target", "--resume", "--config", "--eval-every"):
         assert flag in text
     for default in ("(default: 0.1)", "(default: k1)", "(default: runs/ppo_kl)", "(default: 0.99)", "(default: False)"):
         assert default in text
-    assert text.count("(default: None)") == 4  # --target-kl, --kl-loss, --mask-top-k and --mask-top-p, whose default is None
+    assert text.count("(default: None)") == 4  # --kl-target, --kl-loss, --mask-top-k and --mask-top-p, whose default is None
 
 
 def test_yaml_config_is_overridden_by_flags(tmp_path):
@@ -108,7 +110,7 @@ CONFIGS = {
         ("--learning-rate 0", "--learning-rate"),
         ("--kl-reward k4", "--kl-reward"),
         ("--max-new-tokens 0", "--max-new-tokens"),
-        ("--target-kl -1", "--target-kl"),
+        ("--kl-target -1", "--kl-target"),
         ("empty csv dataset", "dataset"),
         ("reward is a causal LM", "reward"),
         ("--kl-coef inf", "--kl-coef"),
@@ -205,3 +207,22 @@ def test_a_misspelled_config_key_gets_the_closest_key(tmp_path):
     config.write_text("kl_cof: 0.1\n")
     with pytest.raises(ValueError, match="did you mean kl_coef"):
         load_config(config)
+
+
+def test_the_old_adaptive_target_spelling_is_refused_with_the_new_one(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--target-kl", "0.5"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--target-kl is now --kl-target" in err and len(err.strip().splitlines()) == 1
+    config = tmp_path / "old.yaml"
+    config.write_text("target_kl: 0.5\n")
+    with pytest.raises(ValueError, match="target_kl is now kl_target"):
+        load_config(config)
+
+
+def test_a_run_saved_under_the_old_name_compares_under_the_new_one():
+    from agents.cli.config import Args, differing_settings
+
+    args = Args(kl_target=0.5)
+    old_run = {("target_kl" if k == "kl_target" else k): v for k, v in dataclasses.asdict(args).items()}
+    assert differing_settings(args, old_run) == []

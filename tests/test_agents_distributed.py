@@ -143,7 +143,7 @@ def test_torchrun_cli_trains_on_two_ranks_writes_from_rank_0_and_resumes(tiny_lm
     # torchrun's elastic agent leaves torchelastic_* folders in TMPDIR: give it the test's own
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = torchrun + ["-m", "agents.ppo_kl", "--analytic-grad", "--kl-reward", "analytic", "--target-kl", "0.5"]
+    command = torchrun + ["-m", "agents.ppo_kl", "--analytic-grad", "--kl-reward", "analytic", "--kl-target", "0.5"]
     first = subprocess.run(command + tiny_run_flags(tiny_lm_path, out, 1), cwd=REPO, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (first.stdout + first.stderr).count("iter   1") == 1  # rank 0 alone reports

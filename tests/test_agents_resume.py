@@ -20,7 +20,7 @@ from tests.helpers.cli import REPO, tiny_run_flags
 pytestmark = pytest.mark.slow  # subprocess runs of the CLI, a study or a benchmark
 
 ITERS = 6
-COMMAND = [sys.executable, "-m", "agents.ppo_kl", "--analytic-grad", "--kl-reward", "analytic", "--target-kl", "0.5"]
+COMMAND = [sys.executable, "-m", "agents.ppo_kl", "--analytic-grad", "--kl-reward", "analytic", "--kl-target", "0.5"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -63,8 +63,8 @@ class Args:
     max_prompt_tokens: int = _asset(64, "prompt length in tokens (truncated from the left)")
     max_new_tokens: int = _asset(48, "tokens generated per episode")
     n_envs: int = _asset(10, "prompts per rollout (batched env size)")
-    kl_coef: float = _kl(0.1, "beta: weight of the KL penalty (initial value with --target-kl)", ppokl="kl_coef")
-    target_kl: float | None = _kl(None, "target sequence KL for the adaptive controller (omit for a fixed beta)", ppokl="kl_target")
+    kl_coef: float = _kl(0.1, "beta: weight of the KL penalty (initial value with --kl-target)", ppokl="kl_coef")
+    kl_target: float | None = _kl(None, "target sequence KL for the adaptive controller (omit for a fixed beta)", ppokl="kl_target")
     kl_horizon: int = _kl(10_000, "horizon (in episodes) of the adaptive KL controller", ppokl="kl_horizon")
     kl_reward: str = _kl("k1", "per-token KL in the reward", choices=KL_REWARDS, ppokl="kl_reward")
     analytic_grad: bool = _kl(False, "add the exact per-position KL to the loss and drop the current token's KL from its advantage", ppokl="analytic_grad")
@@ -112,6 +112,19 @@ def _base_type(hint: Any) -> type:
     return hint
 
 
+# Fields renamed since earlier releases: the old name is refused with the new one (flags, YAML),
+# and read as the new one from the args.json or checkpoint of a run made before the change.
+RENAMED = {"target_kl": "kl_target"}  # the adaptive controller's target (PPOKL's target_kl is SB3's early stop)
+
+
+def _renamed_hint(name: str) -> str:
+    """``"; --target-kl is now --kl-target"`` for a renamed flag or key, else ``""``."""
+    key = name.removeprefix("--").replace("-", "_")
+    if key not in RENAMED:
+        return ""
+    return f"; {name} is now {_flag(RENAMED[key]) if name.startswith('--') else RENAMED[key]}"
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         """Exit 2 with one line naming the flag (argparse's default also prints the usage block),
@@ -123,6 +136,9 @@ class _OneLineErrorParser(argparse.ArgumentParser):
             return ""
         known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
         given = [word.split("=")[0] for word in message.removeprefix("unrecognized arguments: ").split() if word.startswith("--")]
+        renamed = "".join(_renamed_hint(word) for word in given)
+        if renamed:
+            return renamed
         close = [match for word in given for match in difflib.get_close_matches(word, known, n=1, cutoff=0.6)]
         return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
 
@@ -168,7 +184,7 @@ def ppokl_settings(args: Args) -> dict[str, Any]:
 
 
 def _flag_of_setting(setting: str) -> str:
-    """The CLI flag of the PPOKL argument ``setting`` (``kl_target`` -> ``--target-kl``)."""
+    """The CLI flag of the PPOKL argument ``setting`` (``policy_kwargs.lora_rank`` -> ``--lora-rank``)."""
     return next((_flag(f.name) for f in dataclasses.fields(Args) if f.metadata["ppokl"] in (setting, f"policy_kwargs.{setting}")), setting)
 
 
@@ -211,7 +227,7 @@ def load_config(path: Path) -> dict[str, Any]:
     unknown = sorted(set(config) - set(hints))
     if unknown:
         close = [match for key in unknown for match in difflib.get_close_matches(key, list(hints), n=1, cutoff=0.6)]
-        hint = f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
+        hint = "".join(_renamed_hint(key) for key in unknown) or (f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else "")
         raise _config_error(f"unknown keys {unknown} in {path}{hint}")
     return {name: _typed(name, value, hints[name]) for name, value in config.items()}
 
@@ -241,6 +257,7 @@ def _saved_args(out: Path) -> tuple[dict[str, Any], str] | None:
         return None
     if not isinstance(saved, dict):
         raise ValueError(f"{source} must hold a JSON object of the run's arguments, not a {type(saved).__name__}")
+    saved = with_current_names(saved)
     unknown = sorted(set(saved) - set(hints))
     if unknown:
         raise ValueError(f"{source}: unknown keys {unknown}")
@@ -266,10 +283,15 @@ def _resumed(values: dict[str, Any]) -> dict[str, Any]:
     return {**saved, **values}
 
 
+def with_current_names(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's arguments with the fields of ``RENAMED`` under their current names."""
+    return {RENAMED.get(key, key): value for key, value in saved.items()}
+
+
 def differing_settings(args: Args, run: dict[str, Any]) -> list[str]:
     """The fields (other than ``RESUMABLE_CHANGES``) where ``args`` and a checkpoint's copy of the
     run's arguments ``run`` differ, as ``name: args value vs checkpoint value``."""
-    current = dataclasses.asdict(args)
+    current, run = dataclasses.asdict(args), with_current_names(run)
     return [
         f"{name} {current.get(name)!r} vs {run.get(name)!r}"
         for name in sorted(set(current) | set(run))
