@@ -18,28 +18,13 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 pytest.importorskip("trl")
 
 from kl_estimators.integrations.trl_rloo import KLRLOOTrainer  # noqa: E402
 from tests.helpers.trl_setup import build_rloo as _build  # noqa: E402
-
-REWARDED = tuple(range(10, 20))
-PROMPT = "this movie was"
-G, BETA = 16, 0.5
-
-
-def _reward(completion_ids, **_):
-    return [float(ids[0] in REWARDED) for ids in completion_ids]
-
-
-def _mass_on_rewarded(model, tokenizer) -> float:
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        probabilities = model(input_ids=ids).logits[0, -1].double().softmax(-1)
-    return probabilities[list(REWARDED)].sum().item()
-
+from tests.helpers.trl_setup import BANDIT_BETA as BETA, BANDIT_GROUP as G, BANDIT_PROMPT as PROMPT  # noqa: E402
+from tests.helpers.trl_setup import bandit_reward as _reward, mass_on_rewarded as _mass_on_rewarded  # noqa: E402
 
 def train_bandit(kl_estimator, tiny_lm_path, tiny_tokenizer, tmp_path, seed=0, **kwargs):
     """(pi(S) after training, pi*(S), pi(S) at the start)."""

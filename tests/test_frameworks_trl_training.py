@@ -22,29 +22,14 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 pytest.importorskip("trl")
 from trl import GRPOTrainer  # noqa: E402
 
 from kl_estimators.integrations.trl import KLGRPOTrainer  # noqa: E402
 from tests.helpers.trl_setup import build  # noqa: E402
-
-REWARDED = tuple(range(10, 20))
-PROMPT = "this movie was"
-G, BETA = 16, 0.5
-
-
-def _reward(completion_ids, **_):
-    return [float(ids[0] in REWARDED) for ids in completion_ids]
-
-
-def _mass_on_rewarded(model, tokenizer) -> float:
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        probabilities = model(input_ids=ids).logits[0, -1].double().softmax(-1)
-    return probabilities[list(REWARDED)].sum().item()
-
+from tests.helpers.trl_setup import BANDIT_BETA as BETA, BANDIT_GROUP as G, BANDIT_PROMPT as PROMPT  # noqa: E402
+from tests.helpers.trl_setup import bandit_reward as _reward, mass_on_rewarded as _mass_on_rewarded  # noqa: E402
 
 def _train(trainer_class, tiny_lm_path, tiny_tokenizer, tmp_path, **kwargs):
     trainer = build(trainer_class, tiny_lm_path, tiny_tokenizer, tmp_path, reward_funcs=_reward, prompts=(PROMPT,),

@@ -109,3 +109,23 @@ def sharded_half(inputs: dict, rank: int, world: int) -> dict:
     part = {k: v[rank * rows : (rank + 1) * rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
     part["num_items_in_batch"] = inputs["num_items_in_batch"]
     return part
+
+
+# A one-token bandit from "this movie was" whose optimum pi*(S) is known in closed form: reward 1
+# for a first token in REWARDED, else 0 (the GRPO and RLOO training tests).
+REWARDED = tuple(range(10, 20))
+BANDIT_PROMPT = "this movie was"
+BANDIT_GROUP, BANDIT_BETA = 16, 0.5
+
+
+def bandit_reward(completion_ids, **_):
+    """1 where the completion's first token is in ``REWARDED``, else 0."""
+    return [float(ids[0] in REWARDED) for ids in completion_ids]
+
+
+def mass_on_rewarded(model, tokenizer) -> float:
+    """pi(S | prompt): the model's probability of a first token in ``REWARDED``."""
+    ids = tokenizer(BANDIT_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        probabilities = model(input_ids=ids).logits[0, -1].double().softmax(-1)
+    return probabilities[list(REWARDED)].sum().item()
