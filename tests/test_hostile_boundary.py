@@ -13,21 +13,7 @@ import pytest
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tests.helpers.cli import copy_run, finished, one_line, own_model, run_main, snapshot, tiny_run_flags  # noqa: F401 (fixtures)
-
-
-@pytest.fixture
-def alarm():
-    """Fail instead of hanging: a test that blocks on a FIFO is interrupted after 20 s."""
-
-    def hung(signum, frame):
-        raise TimeoutError("blocked for 20 s (on a FIFO?)")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+from tests.helpers.cli import copy_run, finished, no_hang, one_line, own_model, run_main, snapshot, tiny_run_flags  # noqa: F401 (fixtures)
 
 
 def _resume(out, capsys, iters: int = 3) -> tuple[int, str]:
@@ -35,7 +21,7 @@ def _resume(out, capsys, iters: int = 3) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("name", ["sb3_logs/progress.csv", "metrics.csv"])
-def test_a_fifo_in_place_of_a_run_file_is_refused_without_blocking(finished, tmp_path, capsys, alarm, name):  # noqa: F811
+def test_a_fifo_in_place_of_a_run_file_is_refused_without_blocking(finished, tmp_path, capsys, no_hang, name):  # noqa: F811
     out = copy_run(finished, tmp_path)
     (out / name).unlink()
     os.mkfifo(out / name)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 
 from agents.cli.config import Args
-from tests.helpers.cli import copy_run, finished, one_line, own_model, run_main, snapshot, tiny_run_flags  # noqa: F401 (fixtures)
+from tests.helpers.cli import copy_run, finished, no_hang, one_line, own_model, run_main, snapshot, tiny_run_flags  # noqa: F401 (fixtures)
 
 NUMERIC = [f.name for f in dataclasses.fields(Args) if f.type in ("int", "float", "float | None", "int | None")]
 BAD_VALUES = ["nan", "inf", "-inf", "x", "", "1e309", "0x10", "1,2"]
@@ -25,18 +24,6 @@ BAD_VALUES = ["nan", "inf", "-inf", "x", "", "1e309", "0x10", "1,2"]
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-@pytest.fixture
-def no_hang():
-    def hung(signum, frame):
-        raise TimeoutError("blocked for 30 s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(30)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("value", BAD_VALUES)

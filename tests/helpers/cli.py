@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,18 @@ def copy_run(finished: Path, tmp_path: Path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(finished, out, symlinks=True)
     return out
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of hanging: a test that blocks (on a FIFO, a lock) is interrupted after 300 s, a
+    bound far above any tiny run here even on a slow machine; it guards against blocking, not speed."""
+
+    def hung(signum, frame):
+        raise TimeoutError("blocked for 300 s (on a FIFO or a lock?)")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
