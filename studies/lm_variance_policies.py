@@ -6,7 +6,7 @@ study found to end at about 0.75, 1.5 and 3.2 nats of KL(pi || pi_ref) per seque
 trains ``ITERS - 1`` iterations, its exported policy is copied to ``<run>/behaviour`` (the
 behaviour policy mu of the off-policy measurement: pi one iteration, two Adam updates, earlier),
 then it resumes to ``ITERS`` iterations, leaving ``<run>/policy``; the checkpoint is then deleted. Resumable: a finished step is
-skipped. The commands are printed and appended to ``<run>/commands.txt``.
+skipped. The commands are printed and appended to ``<run>.commands.txt`` beside the run (``log_paths``).
 
 ``--stale 1,5`` also exports the policy 5 iterations back (``<run>/behaviour-5``; 1 back stays
 ``behaviour``), and ``--seed 1`` trains another seed into ``k1-b<beta>-seed1``: the staleness levels
@@ -44,13 +44,21 @@ def command(config: Path, beta: float, out: Path, iters: int, resume: bool, seed
     return [sys.executable, "-m", "agents.ppo_kl", *flags, "--out", str(out), "--iters", str(iters), *(["--resume"] if resume else [])]
 
 
+def log_paths(out: Path) -> tuple[Path, Path]:
+    """The command list and training log of the run ``out``: beside it, as ``<run>.commands.txt``
+    and ``<run>.train.log`` (inside, they would make a new ``--out`` a folder that holds no run,
+    which the CLI refuses)."""
+    return out.with_name(out.name + ".commands.txt"), out.with_name(out.name + ".train.log")
+
+
 def _run(cmd: list[str], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    commands, train_log = log_paths(out)
     text = " ".join(["python", *cmd[1:]])
     print(f"$ {text}", flush=True)
-    with (out / "commands.txt").open("a") as log:
+    with commands.open("a") as log:
         log.write(text + "\n")
-    with (out / "train.log").open("a") as log:
+    with train_log.open("a") as log:
         subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         except subprocess.CalledProcessError:
-            print(f"error: training failed, see {run_dir(options.root, beta, options.seed) / 'train.log'}; rerun to resume", file=sys.stderr)
+            train_log = log_paths(run_dir(options.root, beta, options.seed))[1]
+            print(f"error: training failed, see {train_log}; rerun to resume", file=sys.stderr)
             return 1
     return 0
 

@@ -10,6 +10,7 @@ sampling, exactly.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -168,3 +169,15 @@ def test_policies_export_several_staleness_levels_and_seeds(tmp_path, monkeypatc
     assert policies.main([*argv[:-1], "1,3"]) == 2
     assert "cannot export" in capsys.readouterr().err
     assert policies.main([*argv[:-1], "0"]) == 2
+
+
+def test_policy_training_starts_in_an_empty_run_folder(tmp_path):
+    """The CLI refuses a non-empty --out that holds no run, so the training step's logs are kept
+    beside the run folder: the command starts with ``out`` absent, and the logs record it."""
+    from studies import lm_variance_policies as policies
+
+    out = tmp_path / "runs" / "k1-b0.1"
+    check = "import pathlib, sys; assert not pathlib.Path(sys.argv[1]).exists(); print('ran')"
+    policies._run([sys.executable, "-c", check, str(out)], out)
+    commands, train_log = policies.log_paths(out)
+    assert "ran" in train_log.read_text() and commands.read_text().startswith("python -c")
