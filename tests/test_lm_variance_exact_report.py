@@ -1,0 +1,43 @@
+"""The exact LM statistics' table (studies.lm_variance_exact_report) from ExactSums records."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+import studies.lm_variance as lmv
+from studies.lm_variance_exact import ExactSums
+from studies.lm_variance_exact_report import crossover, exact_table, load_cells
+from studies.moments_grid import label
+
+
+def write_cell(folder, policy: str, regime: str, behaviour: str | None, seed: int) -> dict:
+    """An ExactSums record over random per-sequence blocks, as lm_variance_exact_run writes it."""
+    labels = [label(e, o) for e, o in lmv.runs_for(regime)]
+    sums = ExactSums(labels, regime)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        hidden = torch.randn(4, 3, 5, generator=gen)
+        sums.add({name: torch.randn(4, 3, 7, generator=gen) for name in labels}, hidden)
+    record = {"policy": policy, "regime": regime, "behaviour": behaviour, **sums.statistics(n_boot=50),
+              "kl_pi_ref": 1.5, "kl_mu_pi": 0.0 if regime == "on" else 0.05, "seconds": 1.0}
+    suffix = "" if regime == "on" else f"-{behaviour}"
+    (folder / f"{policy}-{regime}{suffix}.json").write_text(json.dumps(record))
+    return record
+
+
+def test_exact_table_has_one_row_per_cell_against_the_regimes_reference(tmp_path):
+    assert "No cell" in exact_table(tmp_path)
+    off = write_cell(tmp_path, "k1-b0.1", "off", "behaviour-5", 1)
+    on = write_cell(tmp_path, "k1-b0.1", "on", None, 0)
+    cells = load_cells(tmp_path)
+    assert [c["regime"] for c in cells] == ["on", "off"]
+    assert on["reference"] == "analytic-future" and off["reference"] == "analytic-future-is"
+    table = exact_table(tmp_path).splitlines()
+    rows = [row for row in table if row.startswith("| k1-b0.1")]
+    assert len(rows) == 2 and "off (behaviour-5)" in rows[1] and "`analytic-future-is`" in rows[1]
+    ratio = on["estimators"]["reinforce"]["trace_ratio_to_reference"]
+    assert f"{ratio:.3g} [" in rows[0]
+    analytic, reference = on["estimators"]["analytic"], on["estimators"]["analytic-future"]
+    expected = (reference["trace"] - analytic["trace"]) / analytic["bias_sq"] if analytic["bias_sq"] > 0 else float("inf")
+    assert crossover(on) == expected
