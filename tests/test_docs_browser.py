@@ -1,7 +1,7 @@
 """The built site in headless Chromium (tools/site_check.py): a handful of pages (the home page, a
 page with maths, the widest tables, an API page) are no wider than 1,280 px, have the navigation
-and rendered maths, and the search worker starts. ``./dev.sh docs --check`` checks every page and
-takes screenshots. Skips, saying why, without Chromium or without KaTeX (npm ci --prefix tools/katex)."""
+and rendered maths, and queries typed into the search box list results. ``./dev.sh docs --check``
+checks every page and takes screenshots. Skips, saying why, without Chromium or without KaTeX (npm ci --prefix tools/katex)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,9 @@ def test_the_check_reports_a_page_that_overflows(site, tmp_path):
     page.write_text(page.read_text().replace("</body>", '<div style="width:3000px">wide</div></body>', 1))
     problems = site_check.check(broken, only=["fused-kl/"])
     assert any("wider than the 1280 px window" in p for p in problems), problems
+
+
+def test_the_check_reports_a_search_without_results(site, monkeypatch):
+    monkeypatch.setattr(site_check, "SEARCHES", ("qqqzzzxxx",))
+    problems = site_check.check(site, only=[])
+    assert problems == ["search: typing 'qqqzzzxxx' into the search box lists no result"], problems
