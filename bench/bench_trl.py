@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         tokens = args.n_envs * (args.max_prompt_tokens + args.max_new_tokens)
         rates.append(gemm_rate(model.policy.lm, tokens, dtype=torch.bfloat16 if options.precision == "bf16" else torch.float32,
                                device=model.policy.device))
+        done = ", ".join(f"PPOKL {mode} {sum(ppokl[mode][-1]):.2f}" for mode in MODES)
+        print(f"round {len(rates)} of {options.rounds} (s): TRL GRPOTrainer {timer.seconds[-1]:.2f}, {done}", flush=True)
 
     with tempfile.TemporaryDirectory() as out:
         trainer, timer = grpo_trainer(args, env, options.rounds, options.generations, out, ppokl_round,

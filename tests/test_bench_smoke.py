@@ -131,6 +131,7 @@ def test_bench_trl(tiny_config, precision):
     out = run_script("bench_trl.py", "--config", str(tiny_config), "--rounds", "2", "--generations", "2", "--precision", precision)
     assert f"precision {precision} (PPOKL --dtype {'bfloat16' if precision == 'bf16' else 'float32'}" in out
     assert "- TRL GRPOTrainer: " in out
+    assert "round 2 of 2 (s): TRL GRPOTrainer " in out and "PPOKL store " in out  # printed as each round ends
     assert "| PPOKL hidden |" in out and "| PPOKL store |" in out and "| TRL GRPOTrainer |" in out and "| PPOKL FLOP floor at " in out
 
 
