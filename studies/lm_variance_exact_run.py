@@ -26,7 +26,7 @@ import torch
 import studies.lm_variance as lmv
 from agents.cli.run_dir import atomic_write
 from lmgym.assets import load_causal_lm
-from lmgym.task import ContinuationTask
+from lmgym.task import ContinuationTask, log_prob
 from studies.lm_variance_exact import ExactSums
 from studies.lm_variance_policies import BEHAVIOUR, BETAS, run_dir
 from studies.moments_grid import label
@@ -45,7 +45,7 @@ def measure_cell(policy, behaviour, task: ContinuationTask, regime: str, n_seque
         sums.add({name: lmv.logit_gradient(s, e, o) for name, (e, o) in zip(labels, runs)}, s.hidden)
         kl.append(lmv.kl_along(s).double())
         if s.behaviour_logprobs is not None:
-            logp = s.logits.log_softmax(-1).gather(-1, s.tokens.unsqueeze(-1)).squeeze(-1)
+            logp = log_prob(s.logits, s.tokens)
             log_ratio.append(torch.where(s.mask, logp - s.behaviour_logprobs, 0.0).sum(-1).double())
     out = sums.statistics()
     out["kl_pi_ref"] = float(torch.cat(kl).mean())
