@@ -42,6 +42,10 @@ def _ratio(cell: dict, label: str) -> str:
     return f"{entry['trace_ratio_to_reference']:.3g} [{low:.3g}, {high:.3g}]"
 
 
+def _batch(n: float) -> str:
+    return "not resolved (\\|bias\\|² ≤ 0)" if n == float("inf") else f"{n:.3g}"
+
+
 def crossover(cell: dict) -> float:
     """Batch size below which ``analytic``'s MSE is below the reference's (module docstring);
     inf where its measured |bias|^2 is not positive."""
@@ -71,6 +75,6 @@ def exact_table(folder: Path = RESULTS) -> str:
         snr = reference["mean_sq"] / reference["trace"]
         values = [cell_name(cell), str(cell["n_sequences"]), f"{cell['kl_pi_ref']:.3g}", f"{cell['kl_mu_pi']:.2g}", f"`{cell['reference']}`",
                   *(_ratio(cell, label) for label in RATIO_COLUMNS), f"{snr:.2g}",
-                  f"{analytic['bias_sq'] / reference['mean_sq']:.2g}", f"{crossover(cell):.3g}"]
+                  f"{analytic['bias_sq'] / reference['mean_sq']:.2g}", _batch(crossover(cell))]
         rows.append("| " + " | ".join(values) + " |")
     return "\n".join(rows)
