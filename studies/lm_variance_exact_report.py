@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from studies import moments_report
+
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "lm_variance_exact"
 RATIO_COLUMNS = ("reinforce", "reinforce-future", "analytic", "k3-ratio", "k3-loss")
 
@@ -47,12 +49,9 @@ def _batch(n: float) -> str:
 
 
 def crossover(cell: dict) -> float:
-    """Batch size below which ``analytic``'s MSE is below the reference's (module docstring);
-    inf where its measured |bias|^2 is not positive."""
-    analytic, reference = cell["estimators"]["analytic"], cell["estimators"][cell["reference"]]
-    if analytic["bias_sq"] <= 0:
-        return float("inf")
-    return (reference["trace"] - analytic["trace"]) / analytic["bias_sq"]
+    """Batch size below which ``analytic``'s MSE is below the reference's (module docstring;
+    ``studies.moments_report.crossover``: inf where its measured |bias|^2 is not positive)."""
+    return moments_report.crossover(cell["estimators"]["analytic"], cell["estimators"][cell["reference"]])
 
 
 def exact_table(folder: Path = RESULTS) -> str:
