@@ -16,6 +16,7 @@ FRAMEWORK_VERSIONS: dict[str, str] = {
     "trl": "1.16.0", "verl": "0.9.1", "openrlhf": "0.11.2", "skyrl": "0.3.0", "areal": "1.0.4",
     "unsloth-zoo": "2026.10.9", "liger-kernel": "0.8.5", "oat": "0.2.4",
 }
+"""The release of each framework whose installed source the map was read from and tested against."""
 
 _TRL = "tests/test_frameworks_trl.py"
 _VO = "tests/test_frameworks_verl_openrlhf.py"
@@ -25,7 +26,16 @@ _FUSED = "tests/test_frameworks_fused_losses.py"
 
 @dataclass(frozen=True)
 class FrameworkOption:
-    """One KL option of one framework: where it is, what it equals here, and the test that proves it."""
+    """One KL option of one framework: where it is, what it equals here, and the test that proves it.
+
+    Attributes:
+        framework: the framework's key in ``FRAMEWORK_VERSIONS`` (e.g. ``"trl"``).
+        option: the setting, as the framework's own config spells it.
+        file: where in the framework's source the option's KL is computed.
+        estimator: the ``ESTIMATOR_INFO`` name its gradient equals, or ``"none: ..."`` with why not.
+        notes: the caveat a user needs (aggregation, clamping, defaults).
+        test: the ``tests/...::test_...`` that runs the framework's own code to prove the row.
+    """
 
     framework: str
     option: str
@@ -160,6 +170,7 @@ FRAMEWORK_OPTIONS: tuple[FrameworkOption, ...] = (
                     "analytic (KL_t from hidden states and output layers, as fused_kl)",
                     "used by the distillation trainers only: no TRL RL trainer offers the exact KL", f"{_FUSED}::test_trl_chunked_divergence_is_the_exact_kl"),
 )
+"""Every row of the framework map (docs/frameworks.md is generated from it), each proven by its ``test``."""
 
 
 NOT_COVERED: dict[str, str] = {

@@ -136,6 +136,23 @@ class KLGRPOTrainer(GRPOTrainer):
     TRL's own ``kl`` for "k3-loss" / "k3-ratio"), which depends on neither gradient accumulation,
     ``loss_type`` nor train/eval; ``kl_estimator_loss`` = the aggregated term before beta, for
     one optimiser step (x the accumulation steps in training), as it enters the loss.
+
+    Args:
+        model: as ``GRPOTrainer``'s: a model id or path, or a loaded causal LM (PEFT included).
+        reward_funcs: as ``GRPOTrainer``'s: one reward function or model, or a list of them.
+        args: a ``GRPOConfig`` with ``beta > 0`` (the KL coefficient); its ``loss_type`` sets the
+            aggregation, and its sampling must be the full softmax (no top_k, top_p, min_p, ...).
+        *rest: ``GRPOTrainer``'s further positional arguments.
+        kl_estimator: a name of ``ESTIMATOR_INFO``; its gradient is the KL term's. ``"analytic*"``
+            needs the exact logits (refused for soft-capped models and PEFT output layers).
+        weight_clip: c (each importance weight becomes min(w, c)) or (lo, hi), or None.
+        chunk_size: positions per chunk of ``fused_kl``; None: ``auto_chunk_size(V)`` (64 MiB of logits).
+        **kwargs: ``GRPOTrainer``'s keyword arguments (``train_dataset``, ``peft_config``, ...).
+
+    Raises:
+        ValueError: a bad argument, a truncated or reshaped sampler, ``"k3-ratio"`` at
+            ``importance_sampling_level="sequence"``, or (for ``analytic*``) logits that are not
+            s (h W^T + b) / T; all but the last before any model loads.
     """
 
     def __init__(self, model: Any, reward_funcs: Any, args: Any = None, *rest: Any, kl_estimator: str = "analytic-future-is",
