@@ -55,6 +55,17 @@ def test_table_covers_every_estimator_and_names_known_quantities():
         assert info.unbiased_off_policy == (info.off_policy_gradient == "grad_kl")
 
 
+def test_each_tex_term_names_the_symbols_of_its_plain_term():
+    """The docs render ``term_tex``; it must say what ``term`` says: the same symbols (k1, k2, k3,
+    KL, W, rho, score, sg), balanced braces, and no ``|`` (which would split a table cell)."""
+    symbols = {"k1": r"\mathrm{k1}", "k2": r"\mathrm{k2}", "k3": r"\mathrm{k3}", "KL_": r"\mathrm{KL}",
+               "W_": "W_", "rho": r"\rho", "score": r"\mathrm{score}", "sg(": r"\mathrm{sg}"}
+    for info in ESTIMATOR_INFO.values():
+        for plain, tex in symbols.items():
+            assert (plain in info.term) == (tex in info.term_tex), (info.name, plain)
+        assert info.term_tex.count("{") == info.term_tex.count("}") and "|" not in info.term_tex, info.name
+
+
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @settings(deadline=None, max_examples=25)
