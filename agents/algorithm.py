@@ -243,7 +243,7 @@ class PPOKL(PPO):
         self.masking_lm = frozen_copy(self.policy.lm)
         self.masking_lm.load_state_dict(state, strict=True)
 
-    def rollout_masks(self, env: VecEnv, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> NucleusMasks | EnvMasks | None:
+    def rollout_masks(self, env: VecEnv) -> NucleusMasks | EnvMasks | None:
         """This rollout's mask source; NLPO's masking policy is created at the first rollout and
         re-synced with the policy at the start of every ``mask_sync_every``-th iteration."""
         if self.nlpo:
@@ -251,8 +251,7 @@ class PPOKL(PPO):
                 self.masking_lm = frozen_copy(self.policy.lm)
             elif self.n_iterations % self.mask_sync_every == 0:
                 sync_masking_policy(self.masking_lm, self.policy.lm)
-            device = self.policy.device
-            return NucleusMasks(self.masking_lm, self.mask_top_k, self.mask_top_p, prompt_ids.to(device), prompt_mask.to(device))
+            return NucleusMasks(self.masking_lm, self.mask_top_k, self.mask_top_p)
         return EnvMasks(env) if env_masks_enabled(env) else None
 
     @staticmethod
@@ -395,7 +394,7 @@ class PPOKL(PPO):
         rollout_buffer.reset(prompt_ids, prompt_mask)
         callback.on_rollout_start()
         start = time.perf_counter()
-        masks = self.rollout_masks(env, prompt_ids, prompt_mask)
+        masks = self.rollout_masks(env)
         fused = self.ref_logits == "hidden"
         for step in sample_episodes(self.policy, env, self.reference, prompt_ids, prompt_mask, n_rollout_steps, masks, fused, self.kl_chunk_size):
             self.num_timesteps += env.num_envs

@@ -70,6 +70,7 @@ def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: in
     import torch
 
     from kl_estimators import LinearLogits, analytic, fused_kl
+    from lmgym.task import log_prob
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -96,7 +97,7 @@ def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: in
             with torch.no_grad():
                 zq = hq @ wq.T
             kl = analytic(zp, zq, mask=mask, chunk_size=UNFUSED_CHUNK)
-            logp = zp.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            logp = log_prob(zp, tokens)
             loss = kl.sum() + (0 if kl_only else logp.sum())
         grads = torch.autograd.grad(loss, (hp, wp))
         return float(loss) + float(sum(grad.sum() for grad in grads))

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from agents import metrics
+
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_135M_PARAMETERS = 134_515_008
 
@@ -46,7 +48,7 @@ def run_training(n_ranks: int, args: argparse.Namespace, out: Path) -> dict[str,
     subprocess.run(torchrun(n_ranks) + ["-m", "agents.ppo_kl", *flags], cwd=REPO, env=env, check=True, capture_output=True)
     with (out / "metrics.csv").open() as f:
         last = list(csv.DictReader(f))[-1]
-    return {key: float(last[key]) for key in ("time/iteration_seconds", "time/rollout_tokens_per_s", "rollout/gen_length")}
+    return {key: float(last[key]) for key in (metrics.ITERATION_SECONDS, metrics.ROLLOUT_TOKENS_PER_S, metrics.GEN_LENGTH)}
 
 
 def allreduce_worker(n_elements: int, repeats: int) -> None:
@@ -96,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             done = subprocess.run(torchrun(n_ranks) + [__file__, "--allreduce-worker", str(args.allreduce_elements)],
                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, text=True)
             allreduce = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("ALLREDUCE"))
-        iteration = np.median([r["time/iteration_seconds"] for r in runs])
-        tokens = np.median([r["time/rollout_tokens_per_s"] for r in runs])
+        iteration = np.median([r[metrics.ITERATION_SECONDS] for r in runs])
+        tokens = np.median([r[metrics.ROLLOUT_TOKENS_PER_S] for r in runs])
         print(f"| {n_ranks} | {args.total_envs // n_ranks} | {iteration:.1f} | {tokens:.0f} | {allreduce} |")
 
 

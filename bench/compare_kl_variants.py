@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agents import metrics
+
 VARIANTS = {
     "k1 reward (RL4LMs)": ["--kl-reward", "k1", "--no-analytic-grad"],
     "analytic reward": ["--kl-reward", "analytic", "--no-analytic-grad"],
@@ -55,10 +57,10 @@ def main() -> None:
     for name, flags in VARIANTS.items():
         slug = name.split(" (")[0].replace(" + ", "+").replace(" ", "-")
         rows = run(args.config, args.out / slug, args.seed, flags, args.iters)
-        final = [row for row in rows if row.get("eval/sentiment")][-1]
+        final = [row for row in rows if row.get(metrics.EVAL_SENTIMENT)][-1]
         print(
-            f"| {name} | {thirds(rows, 'rollout/task_reward')} | {thirds(rows, 'rollout/kl_analytic')} | "
-            f"{float(final['eval/sentiment']):.3f} | {float(final['eval/perplexity']):.1f} |"
+            f"| {name} | {thirds(rows, metrics.TASK_REWARD)} | {thirds(rows, metrics.KL_ANALYTIC)} | "
+            f"{float(final[metrics.EVAL_SENTIMENT]):.3f} | {float(final[metrics.EVAL_PERPLEXITY]):.1f} |"
         )
 
 

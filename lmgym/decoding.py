@@ -153,6 +153,36 @@ class IncrementalDecoder:
         return DecoderOutput(logits=out.logits[:, -1].float(), hidden=hidden)
 
 
+class LockstepDecoder:
+    """Several causal LMs decoding the same left-padded batch in lockstep, each with its own KV cache.
+
+    ``outputs`` holds every model's ``DecoderOutput`` at the current state, in ``models``' order
+    (``output_hidden[i]``: model i also gives its final hidden state); ``append(tokens)`` feeds the
+    same ``[B]`` tokens to every model (one forward of length 1 each) and moves to the next state.
+    The one decode loop of the project: PPOKL's sampler (policy and NLPO's masking policy) and the
+    studies' samplers (policy, reference and behaviour policy) all step through it.
+    """
+
+    def __init__(self, models: list[PreTrainedModel], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 output_hidden: tuple[bool, ...] = ()):
+        """Prefill every model with the prefix.
+
+        Args:
+            models: the causal LMs, each on its own device.
+            input_ids: ``[B, L]`` left-padded prefix.
+            attention_mask: ``[B, L]``, 0 on the padding.
+            output_hidden: per model (missing: False), whether its outputs carry final hidden states.
+        """
+        hidden = tuple(output_hidden) + (False,) * (len(models) - len(output_hidden))
+        self.decoders = [IncrementalDecoder(model, output_hidden=h) for model, h in zip(models, hidden)]
+        self.outputs: list[DecoderOutput] = [decoder.prefill(input_ids, attention_mask) for decoder in self.decoders]
+
+    def append(self, tokens: torch.Tensor) -> list[DecoderOutput]:
+        """Feed ``tokens`` [B] to every model; return (and keep as ``outputs``) their new outputs."""
+        self.outputs = [decoder.append(tokens) for decoder in self.decoders]
+        return self.outputs
+
+
 def decode_in_lockstep(
     models: list[PreTrainedModel],
     input_ids: torch.Tensor,
@@ -162,26 +192,35 @@ def decode_in_lockstep(
     choose: Callable[[list[DecoderOutput]], torch.Tensor],
     output_hidden: tuple[bool, ...] = (),
 ) -> Iterator[tuple[list[DecoderOutput], torch.Tensor, torch.Tensor]]:
-    """Continue a left-padded batch with several causal LMs in lockstep, each with its own KV cache.
+    """Continue a left-padded batch with several causal LMs in lockstep (``LockstepDecoder``).
 
     At each step ``choose(outputs)`` picks the next token of every row [B] from the models' outputs
-    at the current state (in ``models``' order; ``output_hidden[i]``: model i also gives its final
-    hidden state); yields ``(outputs, tokens, active)``, ``active`` [B] bool marking the rows still
-    in their continuation before this token. Stops after ``max_new_tokens`` tokens or once every
-    row has written ``eos_id``; every model then sees the chosen tokens (one forward of length 1
-    each)."""
-    hidden = tuple(output_hidden) + (False,) * (len(models) - len(output_hidden))
-    decoders = [IncrementalDecoder(model, output_hidden=h) for model, h in zip(models, hidden)]
-    outputs = [decoder.prefill(input_ids, attention_mask) for decoder in decoders]
+    at the current state; yields ``(outputs, tokens, active)``, ``active`` [B] bool marking the rows
+    still in their continuation before this token. Stops after ``max_new_tokens`` tokens or once
+    every row has written ``eos_id``; every model then sees the chosen tokens.
+
+    Args:
+        models: the causal LMs.
+        input_ids: ``[B, L]`` left-padded prompts.
+        attention_mask: ``[B, L]``, 0 on the padding.
+        max_new_tokens: the most tokens to continue with.
+        eos_id: the token that ends a row's continuation, or None.
+        choose: the outputs at the current state -> the next tokens [B].
+        output_hidden: per model, whether its outputs carry final hidden states.
+
+    Returns:
+        An iterator over ``(outputs, tokens, active)``, one per step.
+    """
+    lockstep = LockstepDecoder(models, input_ids, attention_mask, output_hidden)
     active = torch.ones(input_ids.shape[0], dtype=torch.bool)
     for t in range(max_new_tokens):
-        tokens = choose(outputs)
-        yield outputs, tokens, active.clone()
+        tokens = choose(lockstep.outputs)
+        yield lockstep.outputs, tokens, active.clone()
         if eos_id is not None:
             active &= tokens.cpu() != eos_id
         if not active.any() or t + 1 == max_new_tokens:
             return
-        outputs = [decoder.append(tokens) for decoder in decoders]
+        lockstep.append(tokens)
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:

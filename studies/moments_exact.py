@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import kl_estimators
-from studies.tabular_model import SequenceSpace, sequence_logprobs, token_logprobs
+from studies.tabular_model import SequenceSpace, gathered_logprobs, sequence_logprobs, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def per_sequence_terms(problem: Problem, tokens: torch.Tensor, estimator: str, *
     space = problem.space
     rows = space.rows(tokens)
     logits = problem.table.detach()[rows].requires_grad_()
-    logp = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    logp = gathered_logprobs(logits, tokens)
     ref_logp = token_logprobs(problem.ref_table, rows, tokens)
     behaviour = None
     if problem.behaviour_table is not None:

@@ -71,9 +71,15 @@ def sequence_logprobs(space: SequenceSpace, table: torch.Tensor) -> torch.Tensor
     return token_logprobs(table, space.rows(tokens), tokens).sum(-1)
 
 
+def gathered_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[..., token]`` for ``[..., V]`` logits and ``[...]`` tokens: the tabular
+    studies' torch-only twin of ``lmgym.task.log_prob`` (which would load transformers)."""
+    return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def token_logprobs(table: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """[B, T] log-probability of each token given its prefix under the policy ``table``."""
-    return table.log_softmax(-1)[rows].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return gathered_logprobs(table[rows], tokens)
 
 
 @dataclass(frozen=True)

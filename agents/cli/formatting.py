@@ -8,8 +8,10 @@ they are.
 
 from __future__ import annotations
 
+from agents import metrics
+
 # metrics.csv columns that hold an exact KL (the analytic KL per sequence of the rollout)
-EXACT_KL = frozenset({"rollout/kl_analytic"})
+EXACT_KL = frozenset({metrics.KL_ANALYTIC})
 
 
 def shown(key: str, value: float) -> float:

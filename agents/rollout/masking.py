@@ -7,7 +7,11 @@ A masked policy samples from pi^M(a|s) = pi(a|s) 1[a in M(s)] / pi(M(s)|s): its 
   (lmgym's ``mask_top_k`` / ``mask_top_p``: the reference model's top-k / nucleus);
 - ``NucleusMasks``: NLPO (Ramamurthy et al. 2022): the top-k / top-p of a frozen *masking policy*
   pi_mask, a copy of the policy re-synchronised every few iterations, decoded with its own KV
-  cache next to the policy's.
+  cache in lockstep with the policy (it is one of the sampler's ``lmgym.decoding.LockstepDecoder``
+  models).
+
+Both follow ``StepMasks``: ``models`` are the LMs the sampler must decode alongside the policy, and
+``current(outputs)`` gives the mask at s_t from those models' outputs there.
 
 ``masked_logits`` applies a mask; ``masked_entropy`` is H(pi^M) with 0 log 0 = 0 (finite value
 and gradient where logits are -inf).
@@ -15,13 +19,14 @@ and gradient where logits are -inf).
 from __future__ import annotations
 
 import copy
+from typing import Protocol
 
 import torch
 from sb3_contrib.common.maskable.utils import get_action_masks
 from transformers import PreTrainedModel
 
 from agents.vec_env import LMGymVecEnv
-from lmgym.decoding import IncrementalDecoder
+from lmgym.decoding import DecoderOutput
 from lmgym.masks import top_k_top_p_mask
 
 
@@ -42,34 +47,36 @@ def env_masks_enabled(env: LMGymVecEnv) -> bool:
     return bool(masker is not None and masker.enabled)
 
 
+class StepMasks(Protocol):
+    """Action masks along a rollout, bool ``[N, V]`` (True = allowed) at each state s_t."""
+
+    models: list[PreTrainedModel]  # decoded in lockstep with the policy; their outputs reach current()
+
+    def current(self, outputs: list[DecoderOutput]) -> torch.Tensor: ...
+
+
 class EnvMasks:
     """The env's ``action_masks()`` at each step (sb3-contrib's ``get_action_masks``)."""
 
     def __init__(self, env: LMGymVecEnv):
         self.env = env
+        self.models: list[PreTrainedModel] = []
 
-    def current(self) -> torch.Tensor:
+    def current(self, outputs: list[DecoderOutput]) -> torch.Tensor:
+        """The env's masks at its current state (``outputs`` is empty: no model of its own)."""
         return torch.from_numpy(get_action_masks(self.env))
-
-    def advance(self, actions: torch.Tensor) -> None:
-        """Nothing to do: the env has already taken the step."""
 
 
 class NucleusMasks:
-    """Top-k / top-p masks of a frozen masking LM, decoded incrementally over the rollout's batch."""
+    """Top-k / top-p masks of a frozen masking LM, decoded in lockstep with the policy."""
 
-    def __init__(
-        self, lm: PreTrainedModel, top_k: int | None, top_p: float | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
-    ):
+    def __init__(self, lm: PreTrainedModel, top_k: int | None, top_p: float | None):
         self.top_k, self.top_p = top_k, top_p
-        self.decoder = IncrementalDecoder(lm)
-        self.logits = self.decoder.prefill(prompt_ids, prompt_mask).logits
+        self.models = [lm]
 
-    def current(self) -> torch.Tensor:
-        return top_k_top_p_mask(self.logits.float().cpu(), self.top_k, self.top_p)
-
-    def advance(self, actions: torch.Tensor) -> None:
-        self.logits = self.decoder.append(actions).logits
+    def current(self, outputs: list[DecoderOutput]) -> torch.Tensor:
+        """The top-k / top-p set of the masking LM's next-token distribution (``outputs[0]``)."""
+        return top_k_top_p_mask(outputs[0].logits.float().cpu(), self.top_k, self.top_p)
 
 
 def frozen_copy(lm: PreTrainedModel) -> PreTrainedModel:

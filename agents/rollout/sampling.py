@@ -14,7 +14,6 @@ the mask is stored with the step, and the analytic KL is KL(pi^M(.|s_t) || pi_re
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,12 +21,12 @@ from sb3_contrib.common.maskable.distributions import MaskableCategorical
 
 import kl_estimators
 from agents.rollout.categorical import sample_categorical
-from agents.rollout.masking import masked_logits
+from agents.rollout.masking import StepMasks, masked_logits
 from agents.policy import CausalLMPolicy
 from agents.rollout.records import SampledStep
 from agents.rollout.reference import Reference, linear_logits
 from agents.vec_env import LMGymVecEnv
-from lmgym.decoding import IncrementalDecoder
+from lmgym.decoding import LockstepDecoder
 from lmgym.task import log_prob
 
 
@@ -47,14 +46,6 @@ def set_reference_terms(step: SampledStep, logits: torch.Tensor, ref_logits: tor
     step.ref_logprobs = log_prob(ref_logits, step.actions)
     with torch.no_grad():
         step.analytic_kl = kl_estimators.analytic(logits, ref_logits)
-
-
-class StepMasks(Protocol):
-    """Action masks along a rollout: ``current()`` bool [N, V] at s_t, ``advance(a_t)`` to s_{t+1}."""
-
-    def current(self) -> torch.Tensor: ...
-
-    def advance(self, actions: torch.Tensor) -> None: ...
 
 
 def sample_episodes(
@@ -83,12 +74,13 @@ def sample_episodes(
     fused_reference = fused_reference and not per_step_ref
     if fused_reference and masks is not None:
         raise ValueError("fused_reference does not support action masks (the fused KL has no mask over the vocabulary)")
-    decoder = IncrementalDecoder(policy.lm, output_hidden=True)
-    out = decoder.prefill(prompt_ids.to(device), prompt_mask.to(device))
+    extra_models = masks.models if masks is not None else []
+    decoding = LockstepDecoder([policy.lm, *extra_models], prompt_ids.to(device), prompt_mask.to(device), output_hidden=(True,))
     active = torch.ones(env.num_envs, dtype=torch.bool)
     pending: list[tuple[SampledStep, torch.Tensor]] = []  # steps waiting for pi_ref, with pi's logits
     for t in range(max_steps):
         ref_logits = torch.from_numpy(np.array(env.current_ref_logits, dtype=np.float32)) if per_step_ref else None
+        out = decoding.outputs[0]
         with torch.no_grad():
             logits = out.logits.float().cpu()
             values = policy.values_from_hidden(out.hidden).cpu()
@@ -96,7 +88,7 @@ def sample_episodes(
                 step_masks = None
                 actions, logprobs = sample_categorical(logits)
             else:
-                step_masks = masks.current()
+                step_masks = masks.current(decoding.outputs[1:])
                 dist = MaskableCategorical(logits=logits, masks=step_masks)
                 logits = masked_logits(logits, step_masks)
                 actions = dist.sample()
@@ -121,9 +113,7 @@ def sample_episodes(
         active &= ~torch.as_tensor(dones)
         if not active.any() or t + 1 == max_steps:
             break
-        out = decoder.append(actions.to(device))
-        if masks is not None:
-            masks.advance(actions)
+        decoding.append(actions.to(device))
     if pending and fused_reference:
         yield from with_fused_reference(policy, reference, prompt_ids, prompt_mask, pending, chunk_size)
     elif pending:
