@@ -30,3 +30,31 @@ def test_the_pattern_catches_the_old_references():
         assert STALE.search(stale), stale
     for fine in ["policy/README.md, the model card", "README.md and every Markdown page"]:
         assert not STALE.search(fine), fine
+
+
+_CODE_REFERENCE = re.compile(r"`((?:agents|lmgym|kl_estimators|studies)/[\w/]+\.py):(\w+)(?:\.(\w+))?`")
+
+
+def code_references(text: str) -> list[tuple[str, str, str | None]]:
+    """Every ```path.py:name``` or ```path.py:Class.method``` written in ``text``."""
+    return [(m[1], m[2], m[3]) for m in _CODE_REFERENCE.finditer(text)]
+
+
+def test_the_walkthrough_names_functions_that_exist():
+    """docs/contributing.md's "One iteration, file by file" points at `file.py:function`: each
+    file exists and defines that name (a move or a rename fails here)."""
+    references = code_references((ROOT / "docs" / "contributing.md").read_text())
+    assert len(references) >= 10
+    missing = []
+    for path, name, member in references:
+        source = (ROOT / path).read_text() if (ROOT / path).is_file() else ""
+        if not re.search(rf"^(?:class|def) {name}\b", source, re.MULTILINE):
+            missing.append(f"{path}:{name}")
+        elif member and not re.search(rf"^    def {member}\b", source, re.MULTILINE):
+            missing.append(f"{path}:{name}.{member}")
+    assert missing == []
+
+
+def test_a_renamed_function_is_caught():
+    assert code_references("see `agents/rollout/sampling.py:sample_episodes` and `agents/algorithm.py:PPOKL.train`") == [
+        ("agents/rollout/sampling.py", "sample_episodes", None), ("agents/algorithm.py", "PPOKL", "train")]
