@@ -58,6 +58,11 @@ class LMGymVecEnv(VecEnv):
         """The tokenizer whose ids are the actions."""
         return self.venv.tokenizer
 
+    @property
+    def masks_actions(self) -> bool:
+        """Whether the env's ``action_masks()`` restricts the actions (lmgym's ``mask_top_k`` / ``mask_top_p``)."""
+        return bool(getattr(self.venv, "masks_actions", False))
+
     def set_reference_model(self, model: Any) -> None:
         """Make ``model`` the env's pi_ref (``IMDBContinuationVectorEnv.set_reference_model``)."""
         self.venv.set_reference_model(model)

@@ -118,6 +118,11 @@ class IMDBContinuationEnv(gym.Env):
             info.update(prompt=self.prompt, continuation=continuation, sentiment=reward)
         return self._obs(), reward, terminated, truncated, info
 
+    @property
+    def masks_actions(self) -> bool:
+        """Whether ``action_masks()`` restricts the actions (built with ``mask_top_k`` / ``mask_top_p``)."""
+        return bool(self.masker.enabled)
+
     def action_masks(self) -> np.ndarray:
         """The tokens allowed at the current observation (module docstring).
 

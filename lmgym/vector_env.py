@@ -173,6 +173,11 @@ class IMDBContinuationVectorEnv(VectorEnv):
         """The most tokens an episode generates."""
         return int(self.task.max_new_tokens)
 
+    @property
+    def masks_actions(self) -> bool:
+        """Whether ``action_masks()`` restricts the actions (built with ``mask_top_k`` / ``mask_top_p``)."""
+        return bool(self.masker.enabled)
+
     def set_reference_model(self, model: torch.nn.Module) -> None:
         """Use ``model`` as pi_ref from the next reset on (e.g. a LoRA policy's base, shared instead
         of a second copy)."""

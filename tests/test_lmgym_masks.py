@@ -73,11 +73,13 @@ def test_single_env_masks_off_by_default(kwargs):
     assert is_masking_supported(env)
     masks = get_action_masks(env)
     assert masks.shape == (env.action_space.n,) and masks.dtype == bool and masks.all()
+    assert env.unwrapped.masks_actions is False
 
 
 @pytest.mark.parametrize("top_k,top_p", [(None, 0.5), (3, None), (5, 0.9)])
 def test_single_env_masks_from_reference(kwargs, top_k, top_p):
     env = IMDBContinuationEnv(mask_top_k=top_k, mask_top_p=top_p, **kwargs)
+    assert env.masks_actions is True
     obs, _ = env.reset(seed=1)
     for step in range(4):
         masks = env.action_masks()

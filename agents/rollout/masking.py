@@ -43,8 +43,7 @@ def masked_entropy(log_probs: torch.Tensor) -> torch.Tensor:
 
 def env_masks_enabled(env: LMGymVecEnv) -> bool:
     """Whether ``env`` restricts actions (an lmgym env built with ``mask_top_k`` / ``mask_top_p``)."""
-    masker = getattr(env.venv, "masker", None)
-    return bool(masker is not None and masker.enabled)
+    return env.masks_actions
 
 
 class StepMasks(Protocol):
