@@ -11,6 +11,8 @@ log mu, default options. The sampler q is pi on-policy and mu off-policy. Gradie
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 GRADIENT_QUANTITIES: dict[str, str] = {
@@ -180,6 +182,52 @@ ESTIMATOR_INFO: dict[str, EstimatorInfo] = {entry.name: entry for entry in _ENTR
 (every claim proven by exact enumeration in the tests)."""
 
 
+# The formulas of ``on_policy`` / ``off_policy`` in TeX, longest first (``tex_prose``).
+_TEX_FRAGMENTS: tuple[tuple[str, str], ...] = (
+    ("grad KL - E_pi[sum_t grad KL(pi_ref(.|s_t) || pi(.|s_t))]",
+     r"\nabla \mathrm{KL} - \mathbb{E}_\pi\big[\sum_t \nabla \mathrm{KL}(\pi_\mathrm{ref}(\cdot \mid s_t) \,\Vert\, \pi(\cdot \mid s_t))\big]"),
+    ("E_mu[(sum_t score_t)(sum_t k1_t)]", r"\mathbb{E}_\mu\big[(\sum_t \mathrm{score}_t)(\sum_t \mathrm{k1}_t)\big]"),
+    ("E_mu[sum_t (1 - pi_ref/pi)(y_t|s_t) score_t]", r"\mathbb{E}_\mu\big[\sum_t (1 - \pi_\mathrm{ref}/\pi)(y_t \mid s_t)\,\mathrm{score}_t\big]"),
+    ("E_mu[sum_t sign(k1_t) score_t]", r"\mathbb{E}_\mu\big[\sum_t \operatorname{sign}(\mathrm{k1}_t)\,\mathrm{score}_t\big]"),
+    ("E_pi[sum_t grad KL_t(s_t)]", r"\mathbb{E}_\pi\big[\sum_t \nabla \mathrm{KL}_t(s_t)\big]"),
+    ("E_mu[sum_t grad KL_t(s_t)]", r"\mathbb{E}_\mu\big[\sum_t \nabla \mathrm{KL}_t(s_t)\big]"),
+    ("E_mu[sum_t k2_t]", r"\mathbb{E}_\mu\big[\sum_t \mathrm{k2}_t\big]"),
+    ("-grad KL(mu || pi)", r"-\nabla \mathrm{KL}(\mu \,\Vert\, \pi)"),
+    ("KL(pi_ref || pi)", r"\mathrm{KL}(\pi_\mathrm{ref} \,\Vert\, \pi)"),
+    ("|pi - pi_ref|_1 / 2", r"\lVert \pi - \pi_\mathrm{ref} \rVert_1 / 2"),
+    ("grad KL", r"\nabla \mathrm{KL}"),
+    ("T = 1", "T = 1"),
+    ("T > 1", "T > 1"),
+    ("pi/mu", r"\pi/\mu"),
+    ("pi_ref", r"\pi_\mathrm{ref}"),
+)
+_GREEK = re.compile(r"\b(pi|mu)\b")
+
+
+def tex_prose(text: str) -> str:
+    """``text`` (an ``on_policy`` / ``off_policy`` sentence) with its formulas as ``$TeX$``: each
+    fragment of ``_TEX_FRAGMENTS``, then a lone pi or mu, replaced outside the maths already made.
+
+    Args:
+        text: a sentence in this module's plain-text notation.
+
+    Returns:
+        The sentence as Markdown with ``$...$`` maths (KaTeX on the docs site).
+    """
+    pieces = [(text, False)]  # (piece, is maths)
+    for plain, tex in _TEX_FRAGMENTS:
+        pieces = [part for piece, maths in pieces for part in ([(piece, True)] if maths else _split(piece, plain, tex))]
+    return "".join(f"${piece}$" if maths else _GREEK.sub(lambda m: f"$\\{m[1]}$", piece) for piece, maths in pieces)
+
+
+def _split(piece: str, plain: str, tex: str) -> list[tuple[str, bool]]:
+    parts = piece.split(plain)
+    out = [(parts[0], False)]
+    for part in parts[1:]:
+        out += [(tex, True), (part, False)]
+    return [(text, maths) for text, maths in out if text]
+
+
 def markdown_table() -> str:
     """The estimator table of docs/kl-estimators.md, generated from ``ESTIMATOR_INFO``."""
     rows = [
@@ -187,6 +235,6 @@ def markdown_table() -> str:
         "|---|---|---|---|---|",
     ]
     for info in ESTIMATOR_INFO.values():
-        cells = (f"`{info.name}`", f"${info.term_tex}$", info.on_policy, info.off_policy, info.used_by)
+        cells = (f"`{info.name}`", f"${info.term_tex}$", tex_prose(info.on_policy), tex_prose(info.off_policy), info.used_by)
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(rows)

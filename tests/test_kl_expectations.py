@@ -11,11 +11,14 @@ fixed cases. Nothing is sampled: a failure is a wrong claim or a bug, never nois
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
 
 from kl_estimators import ESTIMATOR_INFO, ESTIMATORS, GRADIENT_QUANTITIES, per_token_kl_loss, sequence_kl_loss
+from kl_estimators.info import tex_prose
 from tests.helpers.tabular import Tabular, make_tabular, tabulars
 
 EXACT = dict(rtol=1e-9, atol=1e-10)
@@ -64,6 +67,19 @@ def test_each_tex_term_names_the_symbols_of_its_plain_term():
         for plain, tex in symbols.items():
             assert (plain in info.term) == (tex in info.term_tex), (info.name, plain)
         assert info.term_tex.count("{") == info.term_tex.count("}") and "|" not in info.term_tex, info.name
+
+
+def test_the_docs_show_every_expectation_formula_in_tex():
+    """``tex_prose`` leaves no plain-text formula outside ``$...$`` in any on- or off-policy
+    sentence: a new formula needs its TeX in ``_TEX_FRAGMENTS`` before the table renders it."""
+    plain = re.compile(r"E_(pi|mu)\[|sum_t|\|\||_t\b|pi_ref|grad KL|\b(pi|mu)\b")
+    for info in ESTIMATOR_INFO.values():
+        for text in (info.on_policy, info.off_policy):
+            shown = tex_prose(text)
+            assert shown.count("$") % 2 == 0, shown
+            outside = "".join(shown.split("$")[::2])
+            assert not plain.search(outside), (info.name, outside)
+    assert tex_prose("E_mu[sum_t k2_t] under mu") == r"$\mathbb{E}_\mu\big[\sum_t \mathrm{k2}_t\big]$ under $\mu$"
 
 
 @pytest.mark.parametrize("regime", REGIMES)

@@ -97,8 +97,16 @@ def _outside_fences(markdown: str, rewrite) -> str:
     return "".join(parts + [rewrite(markdown[end:])])
 
 
+WIDE_TABLE = re.compile(r"(?m)^\|(?:[^|\n]*(?<!\\)\|){8,}")  # a table row of 8 or more columns
+
+
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
-    """Rewrite the links of a docs/ page that leave docs/ (see the module docstring)."""
+    """Rewrite the links of a docs/ page that leave docs/ (see the module docstring); a page with a
+    table of 8 or more columns hides its table of contents, so the table gets the room."""
+    if WIDE_TABLE.search(markdown):
+        hidden = page.meta.setdefault("hide", [])
+        if "toc" not in hidden:
+            hidden.append("toc")
     root = _root(config)
     docs_dir = Path(config.docs_dir).resolve()
     if Path(page.file.abs_src_path).resolve().parent != docs_dir and docs_dir not in Path(page.file.abs_src_path).resolve().parents:

@@ -8,7 +8,10 @@ loads it at 1,280 px and a small script injected into the copy reports what the 
 - **no horizontal overflow**: the document is no wider than the 1,280 px window;
 - **navigation**: the page has the site's navigation, and every internal link of the navigation
   answers (HTTP 200);
-- **maths**: every formula (``.arithmatex``) was rendered by KaTeX (holds a ``.katex`` element);
+- **maths**: every formula (``.arithmatex``) was rendered by KaTeX (holds a ``.katex`` element, and
+  no ``.katex-error``);
+- **tables**: no table is wider than the content column (Material would scroll it in its wrapper,
+  hiding the right-hand columns);
 - **search**: each query of ``SEARCHES``, typed into the site's search box on the home page, lists
   at least one result (Material's search worker, fed the site's ``search_index.json``: what fails
   when the site is opened from disk).
@@ -63,6 +66,12 @@ window.addEventListener("load", () => setTimeout(() => {
     nav: [...document.querySelectorAll(".md-nav--primary a.md-nav__link[href]")].map(a => a.getAttribute("href")),
     maths: maths.length,
     rendered: maths.filter(m => m.querySelector(".katex")).length,
+    maths_errors: document.querySelectorAll(".katex-error").length,
+    // tables wider than the content column: Material's wrapper scrolls them, so the page does not
+    // overflow, but their right-hand columns are hidden until scrolled
+    clipped_tables: [...document.querySelectorAll(".md-typeset__scrollwrap")]
+      .filter(wrap => wrap.scrollWidth > wrap.clientWidth + 1)
+      .map(wrap => `${wrap.scrollWidth - wrap.clientWidth} px (${(wrap.querySelector("th") || {}).textContent})`),
   };
   (query ? searchResults(query) : Promise.resolve(null)).then(results => {
     report.search_results = results;
@@ -177,6 +186,10 @@ def check(site: Path, screenshots: Path | None = None, binary: str | None = None
                     problems.append(f"/{path}: no site navigation ({len(report['nav'])} links)")
                 if report["rendered"] < report["maths"]:
                     problems.append(f"/{path}: {report['maths'] - report['rendered']} of {report['maths']} formulas not rendered by KaTeX")
+                if report["maths_errors"]:
+                    problems.append(f"/{path}: {report['maths_errors']} formulas KaTeX could not parse")
+                if report["clipped_tables"]:
+                    problems.append(f"/{path}: {len(report['clipped_tables'])} tables wider than the page's content column: {'; '.join(report['clipped_tables'])}")
                 nav_links |= {urllib.request.urljoin(base + path, href).split("#")[0] for href in report["nav"]}
                 if screenshots is not None:
                     screenshots.mkdir(parents=True, exist_ok=True)
