@@ -71,3 +71,16 @@ def test_import_without_numpy_prints_no_warning():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0.0" and result.stderr == ""
+
+
+_STATED_COUNT = re.compile(r"\b(\d+) (?:gradient )?estimators\b")
+_COUNT_FILES = ["README.md", "docs/index.md", "docs/kl-estimators.md", "docs/api/kl_estimators.md",
+                "docs/getting-started.md", "kl_estimators/gradients.py", "tools/install_table.py"]
+
+
+def test_every_stated_estimator_count_is_the_real_one():
+    """"the 16 gradient estimators" is written in several places; each says len(ESTIMATORS), so a
+    new estimator fails here until the text follows (CHANGELOG.md is history and keeps its count)."""
+    stated = {(name, int(m[1])) for name in _COUNT_FILES for m in _STATED_COUNT.finditer((ROOT / name).read_text())}
+    assert {name for name, _ in stated} >= {"README.md", "kl_estimators/gradients.py"}, "the pattern is stale"
+    assert {(name, n) for name, n in stated if n != len(kl_estimators.ESTIMATORS)} == set()
