@@ -41,3 +41,19 @@ def test_exact_table_has_one_row_per_cell_against_the_regimes_reference(tmp_path
     analytic, reference = on["estimators"]["analytic"], on["estimators"]["analytic-future"]
     expected = (reference["trace"] - analytic["trace"]) / analytic["bias_sq"] if analytic["bias_sq"] > 0 else float("inf")
     assert crossover(on) == expected
+
+
+def test_findings_state_their_scope_and_count_cells_from_the_records(tmp_path):
+    from studies.lm_variance_exact_report import _span, findings
+
+    assert "No cell" in findings(tmp_path)
+    cells = [write_cell(tmp_path, "k1-b0.1", "on", None, 0), write_cell(tmp_path, "k1-b0.1-seed1", "on", None, 1),
+             write_cell(tmp_path, "k1-b0.1", "off", "behaviour-5", 2)]
+    text = findings(tmp_path)
+    assert "3 cells (2 on-policy, 1 off-policy), 2 policies, training seeds 0, 1; 12 sequences per cell" in text
+    lowest = sum(all(v["trace_ratio_to_reference"] >= 1 for k, v in c["estimators"].items()
+                     if v["class"] == "grad_kl" and k != c["reference"]) for c in cells)
+    assert f"in {lowest} of 3 cells" in text
+    positive = sum(c["estimators"]["analytic"]["bias_sq"] > 0 for c in cells)
+    assert f"positive in {positive} of 3 cells" in text
+    assert _span([3012.0, 3390.0], 2) == "3,000-3,400" and _span([0.5, 0.5]) == "0.5"

@@ -82,16 +82,20 @@ def test_generated_blocks_are_on_the_page():
         assert f"<!-- generated: {block} -->" in PAGE
 
 
-def test_hand_written_lm_ratios_match_the_committed_summary():
-    """The LM prose's exact-scale ratios (reinforce-future / analytic-future on-policy, and the
-    range of analytic-future / analytic) are the projection table's."""
+def test_hand_written_lm_comparison_matches_the_committed_results():
+    """The one hand-written comparison of the projected and the exact LM study (beta = 0.3,
+    on-policy) quotes the committed summary and the committed exact cell."""
     summary = json.loads((ROOT / "results" / "lm_variance" / "summary.json").read_text())
-    measured = [s for s in summary if s["kl_pi_ref"] > 0]
-    on = [s["estimators"] for s in measured if s["regime"] == "on"]
-    rf_af = ", ".join(f"{exact_trace(e['reinforce-future']) / exact_trace(e['analytic-future']):.1f}x" for e in on)
-    assert f"at the exact scale {rf_af.replace(', ' + rf_af.split(', ')[-1], ' and ' + rf_af.split(', ')[-1])}" in PAGE
-    ratios = [exact_trace(s["estimators"]["analytic-future"]) / exact_trace(s["estimators"]["analytic"]) for s in measured]
-    assert f"{min(ratios):.0f}-{max(ratios):.0f}x at the exact scale" in PAGE
+    cell = next(s["estimators"] for s in summary if s["policy"] == "k1-b0.3" and s["regime"] == "on")
+    projected = cell["reinforce-future"]["trace"] / cell["analytic-future"]["trace"]
+    at_scale = exact_trace(cell["reinforce-future"]) / exact_trace(cell["analytic-future"])
+    exact = json.loads((ROOT / "results" / "lm_variance_exact" / "k1-b0.3-on.json").read_text())["estimators"]
+    ratio, (low, high) = exact["reinforce-future"]["trace_ratio_to_reference"], exact["reinforce-future"]["trace_ratio_ci"]
+    assert (f"`reinforce-future` / `analytic-future` {projected:.3g} projected\n({at_scale:.3g} at its exact scale) "
+            f"against {ratio:.3g} [{low:.3g}, {high:.3g}] exact") in PAGE
+    projected_gain = cell["analytic-future"]["trace"] / cell["analytic"]["trace"]
+    exact_gain = 1 / exact["analytic"]["trace_ratio_to_reference"]
+    assert f"`analytic` {projected_gain:.0f}x less variance\nagainst {exact_gain:.0f}x" in PAGE
 
 
 def test_claims_command(capsys):
