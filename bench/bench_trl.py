@@ -47,6 +47,7 @@ from agents.algorithm import PPOKL
 from bench_iteration import flop_floor, gemm_rate, work_flops
 from agents.cli.config import Args, parse_args
 from agents.cli.train import build_model, make_envs
+from agents.device import cpu_has_native_bf16, precision_warning
 from lmgym.assets import load_tokenizer, resolve
 
 MODES = ("hidden", "store")
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--rounds must be >= 2 (the first is a warm-up)")
     if options.precision == "bf16":
         run_flags = ["--dtype", "bfloat16", *run_flags]
+        warning = precision_warning("cpu", "bfloat16")
+        if warning:  # the numbers then measure the emulation, on both sides
+            print(warning.replace("use --dtype float32 here", "both contenders' bf16 times measure the emulation"), flush=True)
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     args = parse_args(["--config", options.config, "--eval-every", "0", "--seed", str(options.seed), *run_flags])
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
           f"(GRPO: {args.n_envs // options.generations} prompts x {options.generations}), prompts <= "
           f"{args.max_prompt_tokens} tokens, {args.n_epochs} PPO epoch(s); precision {options.precision} (PPOKL --dtype {args.dtype}"
           f"{', --cast-lm-head-to-fp32' if args.cast_lm_head_to_fp32 else ''}); trl {trl.__version__}; torch threads "
-          f"{torch.get_num_threads()}; medians (min-max) of {options.rounds - 1} alternating rounds after 1 warm-up\n")
+          f"{torch.get_num_threads()}; CPU {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}; medians (min-max) of {options.rounds - 1} alternating rounds after 1 warm-up\n")
     print("| contender | iteration (s) | rollout (s) | of which generate (s) | update (s) | / TRL |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     trl_median = statistics.median(rows["TRL GRPOTrainer"])

@@ -126,3 +126,17 @@ def test_cast_lm_head_to_fp32_gives_float32_logits_of_the_bfloat16_trunk(tiny_lm
     assert frozen_out.logits.dtype == torch.float32
     w = frozen.get_output_embeddings().weight.float()
     torch.testing.assert_close(frozen_out.logits, frozen_out.hidden_states[-1].float() @ w.T, rtol=0, atol=0)
+
+
+def test_bfloat16_on_a_cpu_that_emulates_it_is_warned_about():
+    from agents.device import cpu_has_native_bf16, precision_warning
+
+    emulating = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+    native = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    assert cpu_has_native_bf16(emulating) is False and cpu_has_native_bf16(native) is True
+    assert cpu_has_native_bf16("model name : Apple M2\n") is None  # no flags line: unknown, no warning
+    warning = precision_warning("cpu", "bfloat16", emulating)
+    assert warning.startswith("warning: --dtype bfloat16") and "\n" not in warning
+    assert precision_warning("cpu", "bfloat16", native) is None
+    assert precision_warning("cpu", "float32", emulating) is None
+    assert precision_warning("cuda", "bfloat16", emulating) is None

@@ -23,7 +23,7 @@ from agents import distributed
 from agents.algorithm import PPOKL
 from agents.state.checkpoint import CheckpointMeta, read_meta
 from agents.cli.config import Args, differing_settings, ppokl_settings
-from agents.device import DTYPES, cast_frozen, fp32_output_layer
+from agents.device import DTYPES, cast_frozen, fp32_output_layer, precision_warning
 from agents.cli.finish import finish
 from agents.lora import share_base_as_reference
 from agents.cli.monitor import TrainingMonitor
@@ -152,6 +152,9 @@ def resumes_checkpoint(args: Args, out: Path) -> bool:
 def train(args: Args) -> PPOKL:
     """Run (or resume) the training in ``args.out``: every check before anything in it is changed."""
     args = dataclasses.replace(args, device=distributed.init_from_env(args.device))
+    warning = precision_warning(args.device, args.dtype)
+    if warning and distributed.is_main():
+        print(warning, file=sys.stderr)
     out = check_out(args.out)
     if distributed.is_main():
         check_unlocked(out)
