@@ -2,6 +2,7 @@
 
     python -m studies.lm_variance_exact_run                                   # every policy, on and off
     python -m studies.lm_variance_exact_run --behaviours behaviour,behaviour-5  # staleness 1 and 5 iterations
+    python -m studies.lm_variance_exact_run --seed 1 --behaviours ""          # seed 1's policies, on-policy only
 
 The same policies, regimes, sequences (prompt uniform over the training prompts, continuation
 from the full softmax; chunk i drawn with seed 2i on-policy, 2i + 1 off-policy) and estimators
@@ -59,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("runs/lm_variance"), help="the policies' run folders")
     parser.add_argument("--out", type=Path, default=Path("results/lm_variance_exact"))
     parser.add_argument("--betas", type=lambda s: [float(x) for x in s.split(",")], default=list(BETAS))
-    parser.add_argument("--run-suffix", default="", help="run folder suffix of another training seed, e.g. -seed1")
+    parser.add_argument("--seed", type=int, default=0, help="the policies' training seed (lm_variance_policies --seed)")
     parser.add_argument("--behaviours", default=BEHAVIOUR, help="comma-separated behaviour folders inside each run (off-policy mu)")
     parser.add_argument("--sequences", type=int, default=200)
     parser.add_argument("--chunk", type=int, default=5, help="sequences per forward batch (memory: ~60 MB per sequence)")
     options = parser.parse_args(argv)
-    names = [run_dir(Path(), beta).name + options.run_suffix for beta in options.betas]
+    names = [run_dir(Path(), beta, options.seed).name for beta in options.betas]
     behaviours = [b for b in options.behaviours.split(",") if b]
     missing = [options.root / n / b for n in names for b in ["policy", *behaviours] if not (options.root / n / b).is_dir()]
     if missing:

@@ -46,9 +46,15 @@ def tiny_config(tiny_lm_path, tmp_path_factory) -> Path:
 
 
 def test_every_bench_script_has_a_smoke_test():
-    tested = {"bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_memory.py", "bench_precision.py",
+    tested = {"bench_bf16_cpu.py", "bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_memory.py", "bench_precision.py",
               "bench_ranks.py", "bench_sampler.py", "bench_trl.py", "bench_trl_dropin.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
     assert {path.name for path in BENCH.glob("*.py")} == tested
+
+
+def test_bench_bf16_cpu(tiny_lm_path):
+    out = run_script("bench_bf16_cpu.py", "--model", tiny_lm_path, "--rounds", "1", "--batch", "2", "--length", "16",
+                     "--new-tokens", "2")
+    assert "| forward + backward |" in out and "| generate |" in out and "native bf16" in out
 
 
 def test_bench_fused_small():

@@ -128,6 +128,9 @@ def test_command_measures_tiny_policies_exactly_and_resumes(tiny_lm_path, tmp_pa
     capsys.readouterr()
     assert main(argv) == 0
     assert "sequences in" not in capsys.readouterr().out
+    (root / "k1-b0.3").rename(root / "k1-b0.3-seed1")  # another training seed's folder, on-policy only
+    assert main([*argv, "--seed", "1", "--behaviours", ""]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*seed1*")) == ["k1-b0.3-seed1-on.json"]
     assert main(["--root", str(tmp_path / "nowhere")]) == 2
 
 
