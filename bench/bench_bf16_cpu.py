@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def generate(bf16: bool) -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            lm.generate(ids[:, :16], max_new_tokens=options.new_tokens, min_new_tokens=options.new_tokens,
+            lm.generate(ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=options.new_tokens,
+                        min_new_tokens=options.new_tokens,
                         do_sample=True, pad_token_id=pad)
 
     times: dict[tuple[str, str], list[float]] = {}
