@@ -75,9 +75,9 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
 def precision_warning(device: str, dtype: str, cpuinfo: str | None = None) -> str | None:
     """A one-line warning when ``dtype`` is bfloat16 on a CPU that only emulates it, else None.
 
-    Measured on a 2-core AMD EPYC with AVX2 and no AVX-512 (torch 2.13, one thread): a forward and
-    backward of SmolLM2-135M over 8 x 48 tokens took 94-98 s under bfloat16 autocast against
-    5-7 s in float32, and sampling 8 tokens 3.2-3.8 s against 1.5 s (docs/benchmarks.md).
+    Measured on a 2-core AMD EPYC with AVX2 and no AVX-512 (torch 2.13, one thread,
+    ``bench/bench_bf16_cpu.py``): a forward and backward of SmolLM2-135M over 8 x 48 tokens took
+    16.8x as long under bfloat16 autocast as in float32, sampling 8 tokens 2.5x (docs/benchmarks.md).
 
     Args:
         device: the ``--device`` (only ``cpu`` is checked).
@@ -90,7 +90,7 @@ def precision_warning(device: str, dtype: str, cpuinfo: str | None = None) -> st
     if dtype != "bfloat16" or torch.device(device).type != "cpu" or cpu_has_native_bf16(cpuinfo) is not False:
         return None
     return ("warning: --dtype bfloat16 on a CPU without native bfloat16 (no avx512_bf16 or amx_bf16 flag): its matrix "
-            "products are emulated and can be 10-20x slower than float32; use --dtype float32 here")
+            "products are emulated (measured 17x slower than float32 for a forward and backward); use --dtype float32 here")
 
 
 def check_dtype(dtype: str) -> torch.dtype:
