@@ -127,10 +127,13 @@ def findings(folder: Path = RESULTS) -> str:
     if on:
         by_kl = sorted(on, key=lambda c: c["kl_pi_ref"])
         pairs = ", ".join(f"{c['estimators']['reinforce-future']['trace_ratio_to_reference']:.3g} at {c['kl_pi_ref']:.2g}" for c in by_kl)
-        ratios = [c["estimators"]["reinforce-future"]["trace_ratio_to_reference"] for c in by_kl]
-        trend = "falls as the KL grows" if all(a > b for a, b in zip(ratios, ratios[1:])) else "does not fall monotonically with the KL"
+        first, last = (by_kl[i]["estimators"]["reinforce-future"] for i in (0, -1))
+        disjoint = first["trace_ratio_ci"][0] > last["trace_ratio_ci"][1] or last["trace_ratio_ci"][0] > first["trace_ratio_ci"][1]
+        lower = "lower" if last["trace_ratio_to_reference"] < first["trace_ratio_to_reference"] else "higher"
+        trend = (f"{lower} at the largest KL than at the smallest, their 95 % intervals "
+                 f"{'disjoint' if disjoint else 'overlapping'}") if len(on) > 1 else "one cell"
         out.append(
-            f"- **On-policy, `reinforce-future` / `analytic-future`:** {pairs} nats ({trend} in these {len(on)} cells); "
+            f"- **On-policy, `reinforce-future` / `analytic-future`:** {pairs} nats ({trend}); "
             f"`reinforce` / `analytic-future`: {_span([c['estimators']['reinforce']['trace_ratio_to_reference'] for c in on])}.")
     if off:
         out.append(
