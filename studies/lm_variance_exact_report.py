@@ -11,7 +11,10 @@ the reference's: the first of ``studies.lm_variance_exact.REPRESENTATIVES`` unbi
 - relative bias of ``analytic`` = |bias|^2 / |grad KL|^2;
 - the batch size below which ``analytic`` has the lower MSE, with
   MSE(n) = |bias|^2 + trace / n: n* = (trace_ref - trace_a) / |bias_a|^2 (no interval: the
-  |bias|^2 of one cell has none here).
+  |bias|^2 of one cell has none here);
+- the recommendation: the lowest-trace estimator of the grad-KL class, and the lowest-MSE
+  estimator at each batch size n, with a non-positive |bias|^2 estimate of a biased class taken
+  as 0 (point estimates).
 """
 
 from __future__ import annotations
@@ -75,6 +78,40 @@ def exact_table(folder: Path = RESULTS) -> str:
         values = [cell_name(cell), str(cell["n_sequences"]), f"{cell['kl_pi_ref']:.3g}", f"{cell['kl_mu_pi']:.2g}", f"`{cell['reference']}`",
                   *(_ratio(cell, label) for label in RATIO_COLUMNS), f"{snr:.2g}",
                   f"{analytic['bias_sq'] / reference['mean_sq']:.2g}", _batch(crossover(cell))]
+        rows.append("| " + " | ".join(values) + " |")
+    return "\n".join(rows)
+
+
+BATCH_SIZES = (1, 4, 16, 64, 256)
+
+
+def lowest_mse(cell: dict, n: int) -> str:
+    """The estimator with the lowest MSE(n) = max(|bias|^2, 0) + trace / n per sequence-batch of n
+    (ties to the first in the cell's order, so a grad-KL twin stands for the class)."""
+    est = cell["estimators"]
+    return min(est, key=lambda k: max(est[k]["bias_sq"], 0.0) + est[k]["trace"] / n)
+
+
+def lowest_unbiased(cell: dict) -> str:
+    """The grad-KL class member (unbiased in the cell's regime) with the lowest trace Cov[g]."""
+    members = {k: v for k, v in cell["estimators"].items() if v["class"] == "grad_kl"}
+    return min(members, key=lambda k: members[k]["trace"])
+
+
+def recommendation_table(folder: Path = RESULTS) -> str:
+    """Markdown: per exact cell, the lowest-variance unbiased estimator with its trace, the
+    lowest-MSE estimator at each of ``BATCH_SIZES`` and ``analytic``'s crossover (module docstring)."""
+    cells = load_cells(folder)
+    if not cells:
+        return "No cell has been measured yet (`python -m studies.lm_variance_exact_run`)."
+    head = ["cell", "KL(pi ‖ pi_ref)", "KL(mu ‖ pi)", "lowest-variance unbiased (trace)",
+            *(f"lowest MSE, n={n}" for n in BATCH_SIZES), "`analytic` wins below n ="]
+    rows = ["| " + " | ".join(head) + " |", "|---|---:|---:|---|" + "---|" * len(BATCH_SIZES) + "---:|"]
+    for cell in cells:
+        best = lowest_unbiased(cell)
+        values = [cell_name(cell), f"{cell['kl_pi_ref']:.3g}", f"{cell['kl_mu_pi']:.2g}",
+                  f"`{best}` ({_number(cell['estimators'][best]['trace'], 3)})",
+                  *(f"`{lowest_mse(cell, n)}`" for n in BATCH_SIZES), _batch(crossover(cell))]
         rows.append("| " + " | ".join(values) + " |")
     return "\n".join(rows)
 

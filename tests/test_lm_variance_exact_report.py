@@ -57,3 +57,19 @@ def test_findings_state_their_scope_and_count_cells_from_the_records(tmp_path):
     positive = sum(c["estimators"]["analytic"]["bias_sq"] > 0 for c in cells)
     assert f"positive in {positive} of 3 cells" in text
     assert _span([3012.0, 3390.0], 2) == "3,000-3,400" and _span([0.5, 0.5]) == "0.5"
+
+
+def test_recommendation_table_picks_the_lowest_trace_unbiased_and_the_lowest_mse_per_batch(tmp_path):
+    from studies.lm_variance_exact_report import BATCH_SIZES, recommendation_table
+
+    assert "No cell" in recommendation_table(tmp_path)
+    cell = write_cell(tmp_path, "k1-b0.1", "on", None, 3)
+    est = cell["estimators"]
+    unbiased = sorted((v["trace"], k) for k, v in est.items() if v["class"] == "grad_kl")[0][1]
+    row = next(line for line in recommendation_table(tmp_path).splitlines() if line.startswith("| k1-b0.1 on"))
+    columns = [c.strip() for c in row.strip("|").split("|")]
+    assert columns[3].startswith(f"`{unbiased}` (")
+    for column, n in zip(columns[4:4 + len(BATCH_SIZES)], BATCH_SIZES):
+        mse = {k: max(v["bias_sq"], 0.0) + v["trace"] / n for k, v in est.items()}
+        assert mse[column.strip("`")] == min(mse.values())
+    assert len(columns) == 5 + len(BATCH_SIZES)
