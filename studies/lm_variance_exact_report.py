@@ -142,6 +142,17 @@ def _unbiased_lowest(cell: dict) -> tuple[bool, bool]:
     return lowest, all(v["trace_ratio_ci"][0] > 1 for v in members.values())
 
 
+def _seconds(cells: list[dict]) -> str:
+    """Each cell's measuring time, spanned per torch thread count (a record without ``threads``
+    was measured on one)."""
+    threads = sorted({c.get("threads", 1) for c in cells})
+    parts = []
+    for n in threads:
+        span = _span([c["seconds"] for c in cells if c.get("threads", 1) == n], 2)
+        parts.append(f"{span} s on {'one CPU thread' if n == 1 else f'{n} CPU threads'}")
+    return "; ".join(parts)
+
+
 def findings(folder: Path = RESULTS) -> str:
     """Markdown bullets: what the exact cells show, each with the share of cells it holds for
     (computed here from the committed cells, so the text cannot drift from them)."""
@@ -156,7 +167,7 @@ def findings(folder: Path = RESULTS) -> str:
         f"- **Scope:** {len(cells)} cells ({len(on)} on-policy, {len(off)} off-policy), "
         f"{len({c['policy'] for c in cells})} policies, training seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}; "
         f"{cells[0]['n_sequences']} sequences per cell; KL(pi ‖ pi_ref) {_span([c['kl_pi_ref'] for c in cells], 2)} nats; "
-        f"{_span([c['seconds'] for c in cells], 2)} s of one CPU thread per cell.",
+        f"{_seconds(cells)} per cell.",
         f"- **Lowest variance of the unbiased estimators:** the reference (`analytic-future`, off-policy `analytic-future-is`) "
         f"in {sum(a for a, _ in lowest)} of {len(cells)} cells; in {sum(b for _, b in lowest)} of them every other unbiased "
         "estimator's paired 95 % interval lies above 1.",

@@ -64,14 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--behaviours", default=BEHAVIOUR, help="comma-separated behaviour folders inside each run (off-policy mu)")
     parser.add_argument("--sequences", type=int, default=200)
     parser.add_argument("--chunk", type=int, default=5, help="sequences per forward batch (memory: ~60 MB per sequence)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (recorded in each cell with its seconds)")
     options = parser.parse_args(argv)
+    if options.threads < 1:
+        parser.exit(2, "error: --threads must be >= 1\n")
     names = [run_dir(Path(), beta, options.seed).name for beta in options.betas]
     behaviours = [b for b in options.behaviours.split(",") if b]
     missing = [options.root / n / b for n in names for b in ["policy", *behaviours] if not (options.root / n / b).is_dir()]
     if missing:
         print(f"error: no policy at {missing[0]}; run python -m studies.lm_variance_policies", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)
+    torch.set_num_threads(options.threads)
     for name in names:
         policy = load_causal_lm(str(options.root / name / "policy"))[0]
         task = ContinuationTask(model=policy, ref_model=lmv.REFERENCE, reward=lambda xs: np.zeros(len(xs)),
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             if path.is_file():
                 continue
             behaviour = load_causal_lm(str(options.root / name / mu_name))[0] if mu_name else None
-            record = {"policy": name, "regime": regime, "behaviour": mu_name,
+            record = {"policy": name, "regime": regime, "behaviour": mu_name, "threads": options.threads,
                       **measure_cell(policy, behaviour, task, regime, options.sequences, options.chunk)}  # fmt: skip
             atomic_write(path, lambda tmp, r=record: tmp.write_text(json.dumps(r, indent=1) + "\n"))
             print(f"{path.name}: {record['n_sequences']} sequences in {record['seconds']:.0f} s", flush=True)

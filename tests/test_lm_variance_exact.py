@@ -122,7 +122,7 @@ def test_command_measures_tiny_policies_exactly_and_resumes(tiny_lm_path, tmp_pa
     assert main(argv) == 0
     for regime in ("on", "off"):
         record = json.loads((tmp_path / "out" / f"k1-b0.3-{regime}.json").read_text())
-        assert record["n_sequences"] == 4
+        assert record["n_sequences"] == 4 and record["threads"] == 1
         nonzero = {k for k, v in record["estimators"].items() if v["second_moment"] > 1e-10}
         assert nonzero == {"k1-loss"}
     capsys.readouterr()
@@ -132,6 +132,9 @@ def test_command_measures_tiny_policies_exactly_and_resumes(tiny_lm_path, tmp_pa
     assert main([*argv, "--seed", "1", "--behaviours", ""]) == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("*seed1*")) == ["k1-b0.3-seed1-on.json"]
     assert main(["--root", str(tmp_path / "nowhere")]) == 2
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--threads", "0"])
+    assert refused.value.code == 2
 
 
 def test_pair_inner_is_the_lm_variance_studys_exact_norm():

@@ -73,3 +73,13 @@ def test_recommendation_table_picks_the_lowest_trace_unbiased_and_the_lowest_mse
         mse = {k: max(v["bias_sq"], 0.0) + v["trace"] / n for k, v in est.items()}
         assert mse[column.strip("`")] == min(mse.values())
     assert len(columns) == 5 + len(BATCH_SIZES)
+
+
+def test_scope_line_spans_each_cells_seconds_per_thread_count(tmp_path):
+    from studies.lm_variance_exact_report import findings
+
+    one = write_cell(tmp_path, "k1-b0.1", "on", None, 0)  # a record from before --threads: one thread
+    two = {**write_cell(tmp_path, "k1-b0.3", "on", None, 1), "threads": 2, "seconds": 300.0}
+    (tmp_path / "k1-b0.3-on.json").write_text(json.dumps(two))
+    assert "threads" not in one
+    assert "1 s on one CPU thread; 300 s on 2 CPU threads per cell" in findings(tmp_path)
