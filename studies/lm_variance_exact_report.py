@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from studies import moments_report
+from studies.moments_report import BATCH_SIZES
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "lm_variance_exact"
 RATIO_COLUMNS = ("reinforce", "reinforce-future", "analytic", "k3-ratio", "k3-loss")
@@ -82,9 +83,6 @@ def exact_table(folder: Path = RESULTS) -> str:
     return "\n".join(rows)
 
 
-BATCH_SIZES = (1, 4, 16, 64, 256)
-
-
 def lowest_mse(cell: dict, n: int) -> str:
     """The estimator with the lowest MSE(n) = max(|bias|^2, 0) + trace / n per sequence-batch of n
     (ties to the first in the cell's order, so a grad-KL twin stands for the class)."""
@@ -92,9 +90,14 @@ def lowest_mse(cell: dict, n: int) -> str:
     return min(est, key=lambda k: max(est[k]["bias_sq"], 0.0) + est[k]["trace"] / n)
 
 
+def grad_kl_members(cell: dict) -> dict[str, dict]:
+    """The cell's estimators of the grad-KL class (unbiased in its regime), by name."""
+    return {k: v for k, v in cell["estimators"].items() if v["class"] == "grad_kl"}
+
+
 def lowest_unbiased(cell: dict) -> str:
-    """The grad-KL class member (unbiased in the cell's regime) with the lowest trace Cov[g]."""
-    members = {k: v for k, v in cell["estimators"].items() if v["class"] == "grad_kl"}
+    """The grad-KL class member with the lowest trace Cov[g]."""
+    members = grad_kl_members(cell)
     return min(members, key=lambda k: members[k]["trace"])
 
 
@@ -137,7 +140,7 @@ def _seeds(cells: list[dict]) -> list[str]:
 def _unbiased_lowest(cell: dict) -> tuple[bool, bool]:
     """(the reference has the lowest trace of the cell's grad-KL class, every other member's
     paired 95 % interval lies above 1)."""
-    members = {k: v for k, v in cell["estimators"].items() if v["class"] == "grad_kl" and k != cell["reference"]}
+    members = {k: v for k, v in grad_kl_members(cell).items() if k != cell["reference"]}
     lowest = all(v["trace_ratio_to_reference"] >= 1 for v in members.values())
     return lowest, all(v["trace_ratio_ci"][0] > 1 for v in members.values())
 
