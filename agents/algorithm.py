@@ -117,6 +117,9 @@ class PPOKL(PPO):
         kl_chunk_size: positions per chunk of the exact KL (memory-bounded), or None for all at once.
         ref_logits: ``"store"`` (keep pi_ref's logits from the rollout), ``"recompute"`` (per
             minibatch) or ``"hidden"`` (keep pi_ref's hidden states, use ``kl_estimators.fused_kl``).
+        sampler: how the rollout draws tokens: ``"inverse-cdf"`` (one uniform per row) or
+            ``"multinomial"`` (``torch.multinomial``: HF ``generate``'s tokens for the same seed,
+            and those of runs made before the inverse CDF); ``agents.rollout.categorical``.
         mask_top_k: NLPO: sample only the top-k tokens of a frozen masking policy, or None.
         mask_top_p: NLPO: sample only the top-p nucleus of the masking policy, or None.
         mask_sync_every: re-sync the masking policy with the policy every this many iterations.
@@ -160,6 +163,7 @@ class PPOKL(PPO):
         kl_loss: str | None = None,
         kl_chunk_size: int | None = 64,
         ref_logits: str = "store",
+        sampler: str = "inverse-cdf",
         mask_top_k: int | None = None,
         mask_top_p: float | None = None,
         mask_sync_every: int = 5,
@@ -173,7 +177,7 @@ class PPOKL(PPO):
     ):
         self.settings = {k: v for k, v in locals().items() if k not in UNSTORED_ARGUMENTS}
         check_options(
-            kl_reward=kl_reward, kl_loss=kl_loss, analytic_grad=analytic_grad, ref_logits=ref_logits, kl_coef=kl_coef,
+            kl_reward=kl_reward, kl_loss=kl_loss, analytic_grad=analytic_grad, ref_logits=ref_logits, sampler=sampler, kl_coef=kl_coef,
             kl_target=kl_target, kl_horizon=kl_horizon, mask_top_k=mask_top_k, mask_top_p=mask_top_p, mask_sync_every=mask_sync_every,
         )
         if kl_reward == "analytic" and not analytic_grad and kl_coef > 0:
@@ -194,6 +198,7 @@ class PPOKL(PPO):
         self.kl_loss = kl_loss
         self.kl_chunk_size = kl_chunk_size
         self.ref_logits = ref_logits
+        self.sampler = sampler
         self.mask_top_k = mask_top_k
         self.mask_top_p = mask_top_p
         self.mask_sync_every = mask_sync_every
@@ -396,7 +401,7 @@ class PPOKL(PPO):
         start = time.perf_counter()
         masks = self.rollout_masks(env)
         fused = self.ref_logits == "hidden"
-        for step in sample_episodes(self.policy, env, self.reference, prompt_ids, prompt_mask, n_rollout_steps, masks, fused, self.kl_chunk_size):
+        for step in sample_episodes(self.policy, env, self.reference, prompt_ids, prompt_mask, n_rollout_steps, masks, fused, self.kl_chunk_size, self.sampler):
             self.num_timesteps += env.num_envs
             new_obs, dones = step.new_obs, step.dones
             callback.update_locals(locals())

@@ -19,13 +19,19 @@ KL_LOSSES = ("k1-loss", "k2-loss", "k3-loss")
 """GRPO-style autodiff KL losses (for study; their biases are in ``kl_estimators.gradients``)."""
 REF_LOGITS_MODES = ("store", "recompute", "hidden")
 """How the update gets pi_ref's logits (``agents.rollout.reference`` gives the memory of each)."""
+SAMPLERS = ("inverse-cdf", "multinomial")
+"""How the rollout draws a token (``agents.rollout.categorical``): one uniform per row, or
+``torch.multinomial`` (HF ``generate``'s draw: its tokens for the same seed)."""
 DTYPE_NAMES = ("float32", "bfloat16")
 """Compute dtypes of the policy (``agents.device.DTYPES`` maps them to torch dtypes)."""
 VALIDATED = (
-    "kl_reward", "kl_loss", "analytic_grad", "ref_logits", "dtype", "kl_coef", "kl_target", "kl_horizon",
+    "kl_reward", "kl_loss", "analytic_grad", "ref_logits", "sampler", "dtype", "kl_coef", "kl_target", "kl_horizon",
     "mask_top_k", "mask_top_p", "mask_sync_every",
 )
 """The arguments ``option_errors`` checks (no other check of them is needed)."""
+ADDED_SETTINGS = {"sampler": "multinomial"}
+"""Settings added after runs had been saved without them, each with the value those runs used: a
+checkpoint or args.json that lacks one resumes with it (the same draws as before)."""
 UNSTORED_ARGUMENTS = ("self", "env", "device", "_init_setup_model", "__class__")
 """``PPOKL.__init__``'s arguments that are not settings: a checkpoint stores every other one."""
 
@@ -64,7 +70,7 @@ def option_errors(values: Mapping[str, Any], name: Callable[[str], str] = str) -
 
     - ``kl_reward`` in ``KL_REWARDS``; ``kl_loss`` in ``KL_LOSSES`` or None, and not together with
       ``analytic_grad`` (both add a KL gradient term); ``ref_logits`` in ``REF_LOGITS_MODES``;
-      ``dtype`` in ``DTYPE_NAMES``;
+      ``sampler`` in ``SAMPLERS``; ``dtype`` in ``DTYPE_NAMES``;
     - ``kl_coef`` (beta) finite and >= 0; ``kl_target`` None or finite and > 0; ``kl_horizon``
       finite and > 0 (so the adaptive controller's factor ``1 + e n / horizon`` is defined);
     - ``mask_top_k`` an integer >= 1 or None, ``mask_top_p`` in (0, 1] or None
@@ -79,6 +85,8 @@ def option_errors(values: Mapping[str, Any], name: Callable[[str], str] = str) -
             errors.append(f"{name('analytic_grad')} and {name('kl_loss')} both add a KL gradient term: choose one")
     if "ref_logits" in values:
         errors.append(_choice(name("ref_logits"), values["ref_logits"], REF_LOGITS_MODES))
+    if "sampler" in values:
+        errors.append(_choice(name("sampler"), values["sampler"], SAMPLERS))
     if "dtype" in values:
         errors.append(_choice(name("dtype"), values["dtype"], DTYPE_NAMES))
     if "kl_coef" in values:

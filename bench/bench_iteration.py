@@ -190,8 +190,14 @@ def forward_flops(model: nn.Module, tokens: int, logit_positions: int) -> float:
 
 
 def work_flops(model: nn.Module, args: Args) -> dict[str, float]:
-    """Matmul FLOPs of the minimal rollout and update (the floor) and of the HF baseline's iteration."""
+    """Matmul FLOPs of the minimal rollout and update (the floor) and of the HF baseline's iteration,
+    and ``hidden_extra``: the output-layer passes that ``--ref-logits hidden`` adds to them, over
+    the n x t sampled positions. The rollout's fused KL computes the policy's logits again (+1; the
+    reference's head runs there instead of in its forward), and each epoch's ``fused_kl`` computes
+    the reference's logits (+1) and, in its backward, both models' logits again (+2): 1 + 3 epochs
+    passes of 2 V d FLOPs per position."""
     n, p, t = args.n_envs, args.max_prompt_tokens, args.max_new_tokens
+    head = model.get_output_embeddings().weight.numel()
     needed = forward_flops(model, n * (p + t - 1), n * t)  # states s_0..s_{T-1}, logits of a_0..a_{T-1}
     full = forward_flops(model, n * (p + t), n * (p + t))  # TRL-style forward, logits everywhere
     return {
@@ -199,6 +205,7 @@ def work_flops(model: nn.Module, args: Args) -> dict[str, float]:
         "rollout": 2 * needed,  # policy and reference
         "update": 3 * args.n_epochs * needed,  # forward + backward
         "baseline": needed + 2 * full + 3 * args.n_epochs * full,  # generate, policy + reference scoring, update
+        "hidden_extra": (1 + 3 * args.n_epochs) * 2 * head * n * t,
     }
 
 

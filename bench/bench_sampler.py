@@ -1,19 +1,22 @@
-"""PPOKL's KV-cached sampling loop against HF ``generate`` for the same tokens.
+"""PPOKL's KV-cached sampling loop against HF ``generate`` for the same amount of work.
 
 All contenders sample ``--n-envs`` continuations of exactly ``--max-new-tokens`` tokens (no EOS
-stop) from the same random prompts with the same seed, so they draw the same tokens (checked
-every round; the header says so, or names the rounds where they differed) and do the same
-model work:
+stop) from the same random prompts with the same seed, so they run the same forwards at the same
+shapes:
 
 - ``generate``: ``model.generate(do_sample=True, top_k=0, top_p=1, temperature=1)``;
 - ``loop``: PPOKL's sampler, ``lmgym.decoding.IncrementalDecoder`` (final hidden states kept, as
-  the rollout does for the value head) and ``agents.rollout.categorical.sample_categorical``;
-- ``loop, Categorical``: the same loop drawing through ``torch.distributions.Categorical`` (the
-  sampler before ``sample_categorical``).
+  the rollout does for the value head) and ``agents.rollout.categorical.sample_categorical``
+  (inverse CDF, one uniform per row: other tokens than ``generate``'s from the same distribution);
+- ``loop, multinomial``: the same loop drawing as ``generate`` does (``torch.multinomial`` of the
+  softmax, the sampler before the inverse CDF): it must draw ``generate``'s tokens, checked every
+  round (the header says so, or names the rounds where they differed).
 
 Rounds alternate the contenders in one process (load from other processes hits all alike); the
 first round is a warm-up. After timing, one profiled call per contender gives the count of aten
-ops and the bytes they allocate: machine-independent, so comparable on a loaded machine.
+ops and the bytes they allocate: machine-independent, so comparable on a loaded machine. Last, the
+draws alone: ``sample_categorical`` and ``sample_multinomial`` on ``[n_envs, V]`` random logits,
+alternating, the median of ``--draws`` calls each.
 
     python bench/bench_sampler.py [--model smollm2-135m] [--n-envs 24] [--prompt-tokens 24] [--max-new-tokens 16] [--rounds 6] [--threads 1]
 """
@@ -27,16 +30,18 @@ import time
 
 import torch
 
-from agents.rollout.categorical import sample_categorical
+from agents.rollout.categorical import sample_categorical, sample_multinomial
 from lmgym.assets import load_causal_lm
 from lmgym.decoding import IncrementalDecoder
 
 
-def categorical_draw(logits: torch.Tensor) -> torch.Tensor:
-    dist = torch.distributions.Categorical(logits=logits)
-    actions = dist.sample()
-    dist.log_prob(actions)
-    return actions
+def multinomial_draw(logits: torch.Tensor) -> torch.Tensor:
+    """``generate``'s draw (one exponential variate per vocabulary entry), with the log-prob the
+    rollout records."""
+    normalized = logits.log_softmax(dim=-1)
+    actions = torch.multinomial(normalized.exp(), 1)
+    normalized.gather(-1, actions)
+    return actions.squeeze(-1)
 
 
 def loop(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, draw=lambda z: sample_categorical(z)[0]) -> torch.Tensor:
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--draws", type=int, default=50, help="calls of each draw alone")
     options = parser.parse_args(argv)
     from agents.device import device_error
 
@@ -100,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     contenders = {
         "generate": lambda: generate(model, ids, mask, steps, tokenizer.pad_token_id),
         "loop": lambda: loop(model, ids, mask, steps),
-        "loop, Categorical": lambda: loop(model, ids, mask, steps, categorical_draw),
+        "loop, multinomial": lambda: loop(model, ids, mask, steps, multinomial_draw),
     }
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    differing: list[int] = []  # rounds in which some contender drew other tokens than generate
+    differing: list[int] = []  # rounds in which the multinomial loop drew other tokens than generate
     for round_ in range(options.rounds):
         tokens = {}
         for name, fn in contenders.items():
@@ -114,11 +120,13 @@ def main(argv: list[str] | None = None) -> None:
             tokens[name] = fn()
             sync()
             seconds[name].append(time.perf_counter() - start)
-        if not all(torch.equal(t, tokens["generate"]) for t in tokens.values()):
+        if not torch.equal(tokens["loop, multinomial"], tokens["generate"]):
             differing.append(round_)
     profiles = {name: op_profile(fn) for name, fn in contenders.items()}
+    token_note = ("loop, multinomial drew generate's tokens in every round" if not differing
+                  else f"loop, multinomial drew DIFFERENT tokens from generate in rounds {differing}")
     print(f"\n{options.model} on {options.device}: {n} sequences, prompts <= {p} tokens (left-padded), {steps} new tokens; torch threads "
-          f"{torch.get_num_threads()}; {'same tokens in every round' if not differing else f'DIFFERENT tokens in rounds {differing}'}; medians of {options.rounds - 1} alternating rounds after 1 warm-up\n")
+          f"{torch.get_num_threads()}; {token_note}; medians of {options.rounds - 1} alternating rounds after 1 warm-up\n")
     print("| contender | median (s) | / generate | per round (s) | aten ops | MiB allocated |")
     print("| --- | ---: | ---: | --- | ---: | ---: |")
     base = statistics.median(seconds["generate"][1:])
@@ -127,6 +135,23 @@ def main(argv: list[str] | None = None) -> None:
         ops, allocated = profiles[name]
         print(f"| {name} | {statistics.median(measured):.3f} | {statistics.median(measured) / base:.2f} | "
               f"{', '.join(f'{t:.3f}' for t in measured)} | {ops} | {allocated / 2**20:.0f} |", flush=True)
+    draws = draw_seconds(torch.randn(n, model.config.vocab_size, generator=g).mul_(4).to(options.device), options.draws, sync)
+    print(f"\nthe draw alone, [{n}, {model.config.vocab_size}] logits, median of {options.draws} calls: "
+          + ", ".join(f"{name} {1e3 * statistics.median(times):.2f} ms" for name, times in draws.items()))
+
+
+def draw_seconds(logits: torch.Tensor, calls: int, sync) -> dict[str, list[float]]:
+    """Seconds per call of each draw on ``logits``, the two alternating."""
+    seconds: dict[str, list[float]] = {"sample_categorical": [], "sample_multinomial": []}
+    draws = {"sample_categorical": sample_categorical, "sample_multinomial": sample_multinomial}
+    for _ in range(calls + 1):  # the first call of each is a warm-up
+        for name, draw in draws.items():
+            sync()
+            start = time.perf_counter()
+            draw(logits)
+            sync()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: times[1:] for name, times in seconds.items()}
 
 
 if __name__ == "__main__":

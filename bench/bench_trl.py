@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     floor = flop_floor(work_flops(model.policy.lm, args), rate)
     print(f"| PPOKL FLOP floor at {rate / 1e9:.0f} GFLOP/s ({options.precision}) | {sum(floor.values()):.2f} | "
           f"{floor['rollout']:.2f} | - | {floor['update']:.2f} | {sum(floor.values()) / trl_median:.2f} |")
+    extra = work_flops(model.policy.lm, args)["hidden_extra"] / rate
+    print(f"| PPOKL hidden's extra output-layer passes at that rate (1 + 3 x {args.n_epochs} epoch(s)) | {extra:.2f} | - | - | - | "
+          f"{extra / trl_median:.2f} |")
     print("\nper round (s), iteration:")
     for name, times in rows.items():
         print(f"- {name}: {', '.join(f'{t:.2f}' for t in times)}", flush=True)

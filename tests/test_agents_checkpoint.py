@@ -46,6 +46,19 @@ def test_checkpoint_is_safetensors_with_json_metadata(tiny_lm_path, tmp_path):
     assert meta["counters"]["n_iterations"] == 1 and meta["settings"]["kl_reward"] == "analytic"
 
 
+def test_a_checkpoint_saved_before_the_sampler_setting_loads_with_its_old_draw(tiny_lm_path, tmp_path):
+    model = make_model(tiny_lm_path, kl_reward="k1", kl_coef=0.1)
+    assert model.sampler == "inverse-cdf"
+    path = tmp_path / "model.safetensors"
+    model.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        meta = json.loads(f.metadata()["ppokl"])
+    assert meta["settings"].pop("sampler") == "inverse-cdf"
+    save_file(tensors, str(path), metadata={"ppokl": json.dumps(meta)})
+    assert PPOKL.load(path, env=make_env(tiny_lm_path)).sampler == "multinomial"
+
+
 def test_resumed_training_is_identical_to_uninterrupted_training(tiny_lm_path, tmp_path):
     """Save after one iteration, train two more; load and train the same two: bit-identical weights,
     optimizer state and beta (adaptive controller), from the restored RNG states and counters."""

@@ -235,6 +235,22 @@ def test_the_old_adaptive_target_spelling_is_refused_with_the_new_one(capsys, tm
         load_config(config)
 
 
+def test_a_run_saved_before_the_sampler_setting_resumes_with_its_old_draw(tmp_path):
+    """args.json and the checkpoint's copy of a run made before ``--sampler`` lack it: such a run
+    resumes with ``multinomial`` (its draws), and the two copies still agree."""
+    import json
+
+    from agents.cli.config import Args, differing_settings
+
+    out = tmp_path / "old"
+    out.mkdir()
+    old_run = {k: v for k, v in dataclasses.asdict(Args(out=str(out))).items() if k != "sampler"}
+    (out / "args.json").write_text(json.dumps(old_run))
+    args = parse_args(["--out", str(out), "--resume"])
+    assert args.sampler == "multinomial" and Args().sampler == "inverse-cdf"
+    assert differing_settings(args, old_run) == []
+
+
 def test_a_run_saved_under_the_old_name_compares_under_the_new_one():
     from agents.cli.config import Args, differing_settings
 

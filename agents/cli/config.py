@@ -22,7 +22,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from agents.options import DTYPE_NAMES, KL_LOSSES, KL_REWARDS, REF_LOGITS_MODES, VALIDATED, option_errors
+from agents.options import ADDED_SETTINGS, DTYPE_NAMES, KL_LOSSES, KL_REWARDS, REF_LOGITS_MODES, SAMPLERS, VALIDATED, option_errors
 
 
 def _arg(default: Any, help: str, group: str, ppokl: str | None = None, **extra: Any) -> Any:
@@ -90,6 +90,7 @@ class Args:
     out: str = _run("runs/ppo_kl", "output directory: metrics.csv, checkpoint.safetensors, policy/, curves.png, SB3 logs")
     device: str = _run("cpu", "torch device: cpu, cuda, cuda:N or mps (under torchrun each rank uses cuda:LOCAL_RANK)")
     dtype: str = _run("float32", "compute dtype: bfloat16 runs the policy under autocast (float32 weights) and stores the frozen reference in bfloat16", choices=DTYPE_NAMES, ppokl="policy_kwargs.dtype")
+    sampler: str = _run("inverse-cdf", "how the rollout draws tokens: 'inverse-cdf' (one uniform per row, exact in float64) or 'multinomial' (torch.multinomial: HF generate's tokens for the same seed, and those of runs made before the inverse CDF)", choices=SAMPLERS, ppokl="sampler")
     cast_lm_head_to_fp32: bool = _run(False, "run the output layer of the policy and the reference in float32 under --dtype bfloat16 (TRL's cast_lm_head_to_fp32): bfloat16 logits are the main error of the KL (docs/benchmarks.md)", ppokl="policy_kwargs.cast_lm_head_to_fp32")
     gradient_checkpointing: bool = _run(False, "recompute the policy's layer activations in backward (less memory, one more forward)", ppokl="policy_kwargs.gradient_checkpointing")
     eval_every: int = _run(5, "evaluate on held-out prompts every N iterations (0: never)")
@@ -284,8 +285,9 @@ def _resumed(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_current_names(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved run's arguments with the fields of ``RENAMED`` under their current names."""
-    return {RENAMED.get(key, key): value for key, value in saved.items()}
+    """A saved run's arguments with the fields of ``RENAMED`` under their current names, and the
+    fields of ``ADDED_SETTINGS`` it lacks with the value such runs used."""
+    return {**ADDED_SETTINGS, **{RENAMED.get(key, key): value for key, value in saved.items()}}
 
 
 def differing_settings(args: Args, run: dict[str, Any]) -> list[str]:

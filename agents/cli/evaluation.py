@@ -37,9 +37,10 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
-def evaluate(policy: CausalLMPolicy, env: LMGymVecEnv, reference: Reference, seed: int = 12345) -> EvalResult:
+def evaluate(policy: CausalLMPolicy, env: LMGymVecEnv, reference: Reference, seed: int = 12345, sampler: str = "inverse-cdf") -> EvalResult:
     """One sampled continuation per sub-env of ``env`` (held-out prompts, fixed ``seed`` so that
-    successive evaluations see the same prompts); the perplexity is under ``reference``."""
+    successive evaluations see the same prompts), drawn with ``sampler`` (``sample_episodes``);
+    the perplexity is under ``reference``."""
     policy.set_training_mode(False)
     env.seed(seed)
     obs = env.reset()
@@ -49,7 +50,7 @@ def evaluate(policy: CausalLMPolicy, env: LMGymVecEnv, reference: Reference, see
     continuations: list[str] = [""] * n
     sentiments = torch.zeros(n)
     ref_logprob_sum, n_tokens = 0.0, 0
-    for step in sample_episodes(policy, env, reference, prompt_ids, prompt_mask, env.max_new_tokens):
+    for step in sample_episodes(policy, env, reference, prompt_ids, prompt_mask, env.max_new_tokens, sampler=sampler):
         ref_logprob_sum += float((step.ref_logprobs * step.active).sum())
         n_tokens += int(step.active.sum())
         for i in torch.nonzero(step.active & torch.as_tensor(step.dones)).flatten().tolist():

@@ -29,7 +29,7 @@ def finish(model: Any, args: Args, out: Path, tokenizer: Any, eval_env: LMGymVec
     if final is not None and eval_env is not None and args.eval_every and not final.get(EVAL_SENTIMENT):
         if int(final["iteration"]) == model.n_iterations:
             print("finish: final evaluation", flush=True)
-            rows[-1] = {**final, **evaluate(model.policy, eval_env, model.reference).metrics()}
+            rows[-1] = {**final, **evaluate(model.policy, eval_env, model.reference, sampler=model.sampler).metrics()}
             write_rows(out / METRICS, rows)
     plot_curves(rows, out / CURVES, title=out.name)
     if not export_is_current(out, model.n_iterations, model.num_timesteps):

@@ -116,7 +116,7 @@ class TrainingMonitor(BaseCallback):
         self._report(row)
 
     def _evaluate(self) -> dict[str, float]:
-        result = evaluate(self.model.policy, self.eval_env, self.model.reference)
+        result = evaluate(self.model.policy, self.eval_env, self.model.reference, sampler=self.model.sampler)
         lines = [f"  eval: sentiment {result.sentiment:+.3f}  perplexity {result.perplexity:.2f}  "
                  f"distinct-1/2 {result.distinct_1:.3f}/{result.distinct_2:.3f}"]
         for prompt, continuation in list(zip(result.prompts, result.continuations))[: self.n_samples]:

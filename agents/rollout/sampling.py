@@ -20,7 +20,7 @@ import torch
 from sb3_contrib.common.maskable.distributions import MaskableCategorical
 
 import kl_estimators
-from agents.rollout.categorical import sample_categorical
+from agents.rollout.categorical import sample_categorical, sample_multinomial
 from agents.rollout.masking import StepMasks, masked_logits
 from agents.policy import CausalLMPolicy
 from agents.rollout.records import SampledStep
@@ -58,6 +58,7 @@ def sample_episodes(
     masks: StepMasks | None = None,
     fused_reference: bool = False,
     chunk_size: int | None = None,
+    sampler: str = "inverse-cdf",
 ) -> Iterator[SampledStep]:
     """Step ``env`` (at the start of an episode in every sub-env, whose prompts are given) until
     every env has finished that episode or ``max_steps`` steps were taken.
@@ -67,9 +68,12 @@ def sample_episodes(
     sampled sequences after the last step (the steps are yielded then). ``masks``: sample from the masked
     policy (module docstring). ``fused_reference``: in the latter case, score pi_ref from hidden
     states (module docstring; ``chunk_size`` rows of logits at a time, None: automatic) and give
-    each step its ``ref_hidden``.
+    each step its ``ref_hidden``. ``sampler``: ``"inverse-cdf"`` (``sample_categorical``) or
+    ``"multinomial"`` (``sample_multinomial``: HF ``generate``'s tokens for the same seed); with
+    ``masks``, sb3-contrib's ``MaskableCategorical`` draws either way.
     """
     device = policy.device
+    draw = {"inverse-cdf": sample_categorical, "multinomial": sample_multinomial}[sampler]
     per_step_ref = env.step_ref_logits
     fused_reference = fused_reference and not per_step_ref
     if fused_reference and masks is not None:
@@ -86,7 +90,7 @@ def sample_episodes(
             values = policy.values_from_hidden(out.hidden).cpu()
             if masks is None:
                 step_masks = None
-                actions, logprobs = sample_categorical(logits)
+                actions, logprobs = draw(logits)
             else:
                 step_masks = masks.current(decoding.outputs[1:])
                 dist = MaskableCategorical(logits=logits, masks=step_masks)

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from agents.options import UNSTORED_ARGUMENTS
+from agents.options import ADDED_SETTINGS, UNSTORED_ARGUMENTS
 from agents.state.checkpoint import EPISODE_BUFFERS, CheckpointError, CheckpointMeta, Counters, ModelIdentity, read_checkpoint, write_checkpoint
 
 
@@ -245,7 +245,7 @@ def load_ppokl(cls: type[PPOKLState], path: str | Path, env: Any, device: torch.
     if missing:
         raise CheckpointError(f"{path} could not store the settings {missing} (not JSON): pass them to load()")
     check_settings(cls, meta.settings, path)
-    model = cls(env=env, device=device, **{**meta.settings, **kwargs})
+    model = cls(env=env, device=device, **{**ADDED_SETTINGS, **meta.settings, **kwargs})
     if meta.identity is not None:
         built = model_identity(model)
         for name, stored in asdict(meta.identity).items():
