@@ -14,7 +14,8 @@ shapes:
 
 Rounds alternate the contenders in one process (load from other processes hits all alike); the
 first round is a warm-up. After timing, one profiled call per contender gives the count of aten
-ops and the bytes they allocate: machine-independent, so comparable on a loaded machine. Last, the
+ops and the bytes they allocate: machine-independent, so comparable on a loaded machine (``--top
+N`` also prints each call's N costliest ops by self CPU time, which do depend on load). Last, the
 draws alone: ``sample_categorical`` and ``sample_multinomial`` on ``[n_envs, V]`` random logits,
 alternating, the median of ``--draws`` calls each.
 
@@ -63,14 +64,17 @@ def generate(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, pad_id: i
     return out[:, ids.shape[1] :]
 
 
-def op_profile(fn) -> tuple[int, int]:
-    """(aten op calls, bytes allocated by them) of one call of ``fn``."""
+def op_profile(fn, top: int = 0) -> tuple[int, int, str]:
+    """(aten op calls, bytes allocated by them, the ``top`` ops by self CPU time as a table) of
+    one call of ``fn``."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    return sum(e.count for e in events), sum(max(e.self_cpu_memory_usage, 0) for e in events)
+    averages = prof.key_averages()
+    events = [e for e in averages if e.key.startswith("aten::")]
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=top) if top else ""
+    return sum(e.count for e in events), sum(max(e.self_cpu_memory_usage, 0) for e in events), table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--draws", type=int, default=50, help="calls of each draw alone")
+    parser.add_argument("--top", type=int, default=0, help="also print each contender's N costliest ops (self CPU time) in its profiled call")
     options = parser.parse_args(argv)
     from agents.device import device_error
 
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds[name].append(time.perf_counter() - start)
         if not torch.equal(tokens["loop, multinomial"], tokens["generate"]):
             differing.append(round_)
-    profiles = {name: op_profile(fn) for name, fn in contenders.items()}
+    profiles = {name: op_profile(fn, options.top) for name, fn in contenders.items()}
     token_note = ("loop, multinomial drew generate's tokens in every round" if not differing
                   else f"loop, multinomial drew DIFFERENT tokens from generate in rounds {differing}")
     print(f"\n{options.model} on {options.device}: {n} sequences, prompts <= {p} tokens (left-padded), {steps} new tokens; torch threads "
@@ -132,9 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     base = statistics.median(seconds["generate"][1:])
     for name, times in seconds.items():
         measured = times[1:]
-        ops, allocated = profiles[name]
+        ops, allocated, _ = profiles[name]
         print(f"| {name} | {statistics.median(measured):.3f} | {statistics.median(measured) / base:.2f} | "
               f"{', '.join(f'{t:.3f}' for t in measured)} | {ops} | {allocated / 2**20:.0f} |", flush=True)
+    for name, (_, _, table) in profiles.items():
+        if table:
+            print(f"\n{name}: the {options.top} costliest ops of its profiled call\n{table}")
     draws = draw_seconds(torch.randn(n, model.config.vocab_size, generator=g).mul_(4).to(options.device), options.draws, sync)
     print(f"\nthe draw alone, [{n}, {model.config.vocab_size}] logits, median of {options.draws} calls: "
           + ", ".join(f"{name} {1e3 * statistics.median(times):.2f} ms" for name, times in draws.items()))

@@ -91,11 +91,11 @@ def test_bench_memory(tiny_lm_path):
 
 def test_bench_sampler(tiny_lm_path):
     out = run_script("bench_sampler.py", "--model", tiny_lm_path, "--n-envs", "3", "--prompt-tokens", "4",
-                     "--max-new-tokens", "3", "--rounds", "2", "--draws", "2")  # fmt: skip
+                     "--max-new-tokens", "3", "--rounds", "2", "--draws", "2", "--top", "3")  # fmt: skip
     for name in ("generate", "loop", "loop, multinomial"):
         assert f"| {name} |" in out
     assert "loop, multinomial drew generate's tokens in every round" in out
-    assert "the draw alone" in out and "sample_categorical" in out
+    assert "the draw alone" in out and "sample_categorical" in out and "costliest ops" in out
 
 
 def test_bench_precision(tiny_lm_path):
