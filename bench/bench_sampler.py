@@ -8,8 +8,8 @@ shapes:
 - ``loop``: PPOKL's sampler, ``lmgym.decoding.IncrementalDecoder`` (final hidden states kept, as
   the rollout does for the value head) and ``agents.rollout.categorical.sample_categorical``
   (inverse CDF, one uniform per row: other tokens than ``generate``'s from the same distribution);
-- ``loop, multinomial``: the same loop drawing as ``generate`` does (``torch.multinomial`` of the
-  softmax, the sampler before the inverse CDF): it must draw ``generate``'s tokens, checked every
+- ``loop, multinomial``: the same loop drawing as ``generate`` does (``sample_multinomial``:
+  ``torch.multinomial`` of the softmax, the sampler before the inverse CDF): it must draw ``generate``'s tokens, checked every
   round (the header says so, or names the rounds where they differed).
 
 Rounds alternate the contenders in one process (load from other processes hits all alike); the
@@ -34,15 +34,6 @@ import torch
 from agents.rollout.categorical import sample_categorical, sample_multinomial
 from lmgym.assets import load_causal_lm
 from lmgym.decoding import IncrementalDecoder
-
-
-def multinomial_draw(logits: torch.Tensor) -> torch.Tensor:
-    """``generate``'s draw (one exponential variate per vocabulary entry), with the log-prob the
-    rollout records."""
-    normalized = logits.log_softmax(dim=-1)
-    actions = torch.multinomial(normalized.exp(), 1)
-    normalized.gather(-1, actions)
-    return actions.squeeze(-1)
 
 
 def loop(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, draw=lambda z: sample_categorical(z)[0]) -> torch.Tensor:
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     contenders = {
         "generate": lambda: generate(model, ids, mask, steps, tokenizer.pad_token_id),
         "loop": lambda: loop(model, ids, mask, steps),
-        "loop, multinomial": lambda: loop(model, ids, mask, steps, multinomial_draw),
+        "loop, multinomial": lambda: loop(model, ids, mask, steps, lambda z: sample_multinomial(z)[0]),
     }
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     differing: list[int] = []  # rounds in which the multinomial loop drew other tokens than generate

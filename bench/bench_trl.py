@@ -224,10 +224,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| TRL GRPOTrainer | {spread(rows['TRL GRPOTrainer'])} | {spread(timer.rollout[1:])} | {spread(timer.generate[1:])} | "
           f"{spread(trl_update)} | 1.00 |")
     rate = statistics.median(rates[1:])
-    floor = flop_floor(work_flops(model.policy.lm, args), rate)
+    flops = work_flops(model.policy.lm, args)
+    floor = flop_floor(flops, rate)
     print(f"| PPOKL FLOP floor at {rate / 1e9:.0f} GFLOP/s ({options.precision}) | {sum(floor.values()):.2f} | "
           f"{floor['rollout']:.2f} | - | {floor['update']:.2f} | {sum(floor.values()) / trl_median:.2f} |")
-    extra = work_flops(model.policy.lm, args)["hidden_extra"] / rate
+    extra = flops["hidden_extra"] / rate
     print(f"| PPOKL hidden's extra output-layer passes at that rate (1 + 3 x {args.n_epochs} epoch(s)) | {extra:.2f} | - | - | - | "
           f"{extra / trl_median:.2f} |")
     print("\nper round (s), iteration:")

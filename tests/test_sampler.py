@@ -44,17 +44,19 @@ def test_sample_categorical_is_the_inverse_cdf_of_the_whole_row(shape):
 
 
 def test_sample_categorical_frequencies_and_masked_tokens():
-    """Three live tokens in different blocks (one block between them has no mass at all): each
-    drawn with probability 1/3 (within 5 standard errors over 30,000 rows), no masked token ever."""
-    vocab, live = 4 * BLOCK + 3, torch.tensor([0, 2 * BLOCK + 7, 4 * BLOCK + 2])
-    logits = torch.full((30_000, vocab), float("-inf"))
+    """Four live tokens: the first and the last of a block, one inside a later block (a block
+    between them has no mass at all) and the last of the vocabulary. Each is drawn with probability
+    1/4 (within 5 standard errors over 40,000 rows), a masked token never."""
+    vocab, live = 4 * BLOCK + 3, torch.tensor([0, BLOCK - 1, 2 * BLOCK + 7, 4 * BLOCK + 2])
+    rows = 40_000
+    logits = torch.full((rows, vocab), float("-inf"))
     logits[:, live] = 1.5
     actions, logprobs = sample_categorical(logits, torch.Generator().manual_seed(0))
     counts = torch.stack([(actions == i).sum() for i in live])
     assert int(counts.sum()) == actions.numel()
-    sigma = (30_000 * (1 / 3) * (2 / 3)) ** 0.5
-    assert ((counts - 10_000).abs() < 5 * sigma).all(), counts
-    torch.testing.assert_close(logprobs, torch.full_like(logprobs, -torch.log(torch.tensor(3.0)).item()))
+    sigma = (rows * (1 / 4) * (3 / 4)) ** 0.5
+    assert ((counts - rows / 4).abs() < 5 * sigma).all(), counts
+    torch.testing.assert_close(logprobs, torch.full_like(logprobs, -torch.log(torch.tensor(4.0)).item()))
 
 
 def test_sample_categorical_generator_and_skewed_logits():
@@ -110,9 +112,10 @@ def test_decoder_gives_the_logits_of_generate(tiny_lm_path):
     assert_decoder_gives_the_logits_of_generate(model, ids, (ids != 0).long(), 6, tokenizer.pad_token_id)
 
 
-def test_sample_episodes_logprobs_are_the_policy_of_a_full_forward(tiny_lm_path):
-    """PPOKL's rollout sampler (unmasked): every recorded log pi(a_t | s_t), up to each episode's
-    end, equals the one of one forward over the prompt and the sampled tokens."""
+def rollouts(tiny_lm_path, sampler: str):
+    """PPOKL's rollout sampler (unmasked) on a 4-env tiny env, seeds 0 and 1: per seed, the policy
+    and the prompts it sampled from (left padding trimmed) and the steps it took, drawn with
+    ``sampler`` after ``torch.manual_seed(seed)``."""
     env = make_env(tiny_lm_path, n_envs=4, max_new_tokens=5, step_ref_logits=False)
     model = make_model(tiny_lm_path, env)
     for seed in range(2):
@@ -120,10 +123,17 @@ def test_sample_episodes_logprobs_are_the_policy_of_a_full_forward(tiny_lm_path)
         obs = env.reset()
         ids, mask = trim_left_padding(obs["input_ids"], obs["attention_mask"])
         torch.manual_seed(seed)
-        steps = list(sample_episodes(model.policy, env, model.reference, ids, mask, env.max_new_tokens))
+        steps = list(sample_episodes(model.policy, env, model.reference, ids, mask, env.max_new_tokens, sampler=sampler))
+        yield seed, model.policy.lm, env.venv.task.pad_id, ids, mask, steps
+
+
+def test_sample_episodes_logprobs_are_the_policy_of_a_full_forward(tiny_lm_path):
+    """Every recorded log pi(a_t | s_t), up to each episode's end, equals the one of one forward
+    over the prompt and the sampled tokens."""
+    for _, lm, _, ids, mask, steps in rollouts(tiny_lm_path, "inverse-cdf"):
         actions = torch.stack([step.actions for step in steps], 1)
         with torch.no_grad():
-            logits = forward_last(model.policy.lm, torch.cat([ids, actions], 1), torch.cat([mask, torch.ones_like(actions)], 1), len(steps) + 1).logits
+            logits = forward_last(lm, torch.cat([ids, actions], 1), torch.cat([mask, torch.ones_like(actions)], 1), len(steps) + 1).logits
         logprobs = logits[:, :-1].float().log_softmax(-1).gather(-1, actions[..., None]).squeeze(-1)
         for t, step in enumerate(steps):
             torch.testing.assert_close(step.logprobs[step.active], logprobs[step.active, t], rtol=0, atol=1e-4)
@@ -132,16 +142,9 @@ def test_sample_episodes_logprobs_are_the_policy_of_a_full_forward(tiny_lm_path)
 def test_sample_episodes_with_multinomial_draws_the_tokens_of_generate(tiny_lm_path):
     """``sampler="multinomial"`` against ``generate`` on the same prompts and seed, over each
     episode up to its end (after an env's episode ends the two feed different tokens)."""
-    env = make_env(tiny_lm_path, n_envs=4, max_new_tokens=5, step_ref_logits=False)
-    model = make_model(tiny_lm_path, env)
-    for seed in range(2):
-        env.seed(seed)
-        obs = env.reset()
-        ids, mask = trim_left_padding(obs["input_ids"], obs["attention_mask"])
+    for seed, lm, pad_id, ids, mask, steps in rollouts(tiny_lm_path, "multinomial"):
         torch.manual_seed(seed)
-        steps = list(sample_episodes(model.policy, env, model.reference, ids, mask, env.max_new_tokens, sampler="multinomial"))
-        torch.manual_seed(seed)
-        expected = generate(model.policy.lm, ids, mask, len(steps), env.venv.task.pad_id).sequences[:, ids.shape[1] :]
+        expected = generate(lm, ids, mask, len(steps), pad_id).sequences[:, ids.shape[1] :]
         for t, step in enumerate(steps):
             assert torch.equal(step.actions[step.active], expected[step.active, t])
 
