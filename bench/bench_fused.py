@@ -8,6 +8,8 @@ states and weight.
 - ``unfused`` (today's path): materialise both models' [B, T, V] logits, ``kl_estimators.analytic``
   with ``chunk_size=64`` (PPOKL's default) and a log-softmax gather.
 - ``fused``: ``kl_estimators.fused_kl`` on ``LinearLogits``, chunk size automatic;
+- ``fused-bf16``: the same with ``product_dtype=torch.bfloat16`` (the output layer's products in
+  bfloat16, the softmax, KL and gradient terms in float32; the inputs stay float32);
 - ``trl``: TRL 1.16's ``ChunkedDivergenceFunction`` with ``beta=1.0`` (KL(pi || pi_ref) from both
   models' hidden states and heads, tiles of 4,096 tokens x 32,768 vocabulary entries, its
   pure-torch path off CUDA); it returns no token log-probabilities, so compare it with
@@ -44,7 +46,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("unfused", "fused", "trl")
+MODES = ("unfused", "fused", "fused-bf16", "trl")
 UNFUSED_CHUNK = 64
 UNFUSED_TENSORS = 6  # [B, T, V] float32 tensors alive at the unfused peak (see the docstring)
 
@@ -84,8 +86,10 @@ def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: in
     wp.requires_grad_(True)
 
     def value_and_gradient(hp, tokens, mask, hq) -> float:
-        if mode == "fused":
-            out = fused_kl(LinearLogits(hp, wp), LinearLogits(hq, wq), None if kl_only else tokens, mask)
+        if mode.startswith("fused"):
+            product_dtype = torch.bfloat16 if mode == "fused-bf16" else None
+            policy, reference = LinearLogits(hp, wp, product_dtype=product_dtype), LinearLogits(hq, wq, product_dtype=product_dtype)
+            out = fused_kl(policy, reference, None if kl_only else tokens, mask)
             loss = out.kl.sum() + (0 if kl_only else out.logprobs.sum())
         elif mode == "trl":
             from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
@@ -127,8 +131,8 @@ def worker(mode: str, vocab: int, dim: int, batch: int, length: int, repeats: in
 
 
 def matmul_flops(mode: str, vocab: int, dim: int, positions: int) -> int:
-    """unfused: 2 forward and 2 gradient products; fused and trl: 2 forward products, both logits
-    recomputed in backward (2), and 2 gradient products."""
+    """unfused: 2 forward and 2 gradient products; fused, fused-bf16 and trl: 2 forward products,
+    both logits recomputed in backward (2), and 2 gradient products."""
     return (4 if mode == "unfused" else 6) * 2 * vocab * dim * positions
 
 
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     if options.small:
         options.vocabs, options.dims, options.batch, options.lengths, options.repeats = [300], [16], 2, [3], 1
     what = "KL" if options.kl_only else "KL + log pi(y)"
-    print(f"{', '.join(options.modes)}: {what} value + gradient, float32, {options.device}, {options.threads} thread(s), median of {options.repeats}; "
+    print(f"{', '.join(options.modes)}: {what} value + gradient, float32 inputs, {options.device}, {options.threads} thread(s), median of {options.repeats}; "
           f"peak extra = peak RSS beyond inputs and gradients\n")
     print("| V | d | B x T | mode | peak extra (MiB) | time (s), median (min-max) | matmul GFLOP | per call (s) |")
     print("|---:|---:|---:|---|---:|---|---:|---|")

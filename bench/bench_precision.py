@@ -15,7 +15,11 @@ fine-tuning. Truth is everything in float64. Each variant computes the logits z 
   noise added), the output layer and the KL in float32 (``--dtype bfloat16 --fp32-head``);
 - ``bf16 trunk and head, fp32 KL``: h_p from the bfloat16 trunk and the output layer under
   autocast, the KL in float32 (PPOKL's ``--dtype bfloat16``; TRL's ``bf16=True`` autocasts the
-  whole model the same way).
+  whole model the same way);
+- ``fused, fp32 products`` and ``fused, bf16 products``: ``kl_estimators.fused_kl`` from the
+  float32 hidden states, with ``LinearLogits(product_dtype=None)`` (float32 products) and
+  ``product_dtype=torch.bfloat16`` (the output layer's forward and backward products in bfloat16,
+  everything else in float32).
 
 Errors, over the B x T positions (medians, and the maximum): the analytic KL(pi || pi_ref)
 (relative), its gradient with respect to h_p (relative L2 per position, through the output
@@ -37,7 +41,10 @@ import kl_estimators
 from lmgym.assets import load_causal_lm
 from lmgym.prompts import load_prompts
 
-VARIANTS = ("float32", "bf16 head, fp32 KL", "bf16 head, bf16 KL", "bf16 trunk, fp32 head", "bf16 trunk and head, fp32 KL")
+VARIANTS = (
+    "float32", "bf16 head, fp32 KL", "bf16 head, bf16 KL", "bf16 trunk, fp32 head", "bf16 trunk and head, fp32 KL",
+    "fused, fp32 products", "fused, bf16 products",
+)
 
 
 def hidden_states(model, tokenizer, batch: int, length: int, bf16: bool) -> torch.Tensor:
@@ -59,6 +66,8 @@ def evaluate(variant: str, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Ten
     """KL [B, T], its gradient with respect to h_p [B, T, d], log-ratio and k3 at ``tokens`` [B, T]."""
     dtype = torch.float64 if variant == "float64" else torch.float32
     hp, hq, weight = hp.to(dtype).requires_grad_(True), hq.to(dtype), weight.to(dtype)
+    if variant.startswith("fused"):
+        return evaluate_fused(hp, hq, weight, tokens, torch.bfloat16 if "bf16" in variant else None)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.startswith("bf16") and "fp32 head" not in variant):
         zp, zq = torch.nn.functional.linear(hp, weight), torch.nn.functional.linear(hq, weight)
     if variant.endswith("bf16 KL"):
@@ -72,6 +81,18 @@ def evaluate(variant: str, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Ten
         log_ratio = (logp - logq).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         k3 = (-log_ratio).exp() - 1 + log_ratio
     return {name: value.detach().double() for name, value in (("kl", kl), ("grad", grad), ("log_ratio", log_ratio), ("k3", k3))}
+
+
+def evaluate_fused(hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, product_dtype) -> dict:
+    """``evaluate`` through ``kl_estimators.fused_kl`` with products in ``product_dtype``."""
+    out = kl_estimators.fused_kl(
+        kl_estimators.LinearLogits(hp, weight, product_dtype=product_dtype),
+        kl_estimators.LinearLogits(hq, weight, product_dtype=product_dtype), tokens, chunk_size=64,
+    )
+    (grad,) = torch.autograd.grad(out.kl.sum(), hp)
+    log_ratio = (out.logprobs - out.ref_logprobs).detach()
+    k3 = (-log_ratio).exp() - 1 + log_ratio
+    return {name: value.detach().double() for name, value in (("kl", out.kl), ("grad", grad), ("log_ratio", log_ratio), ("k3", k3))}
 
 
 def errors(result: dict, truth: dict) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, keep its output, r
 }
 step tests 150 "$PY" -m pytest -q -rs -k "cuda" tests/test_agents_device.py tests/test_agents_cli.py tests/test_sampler.py tests/test_kl_fused_peers.py
 step sampler 45 "$PY" bench/bench_sampler.py --device cuda --rounds 6
-step fused 120 "$PY" bench/bench_fused.py --device cuda --modes unfused fused trl --kl-only --lengths 256 1024 --repeats 3 --max-gb 100
+step fused 120 "$PY" bench/bench_fused.py --device cuda --modes unfused fused fused-bf16 trl --kl-only --lengths 256 1024 --repeats 3 --max-gb 100
 step trl_bf16 60 "$PY" bench/bench_trl.py --device cuda --precision bf16 --rounds 4
 step trl_fp32 45 "$PY" bench/bench_trl.py --device cuda --precision fp32 --rounds 4
 step dropin_bf16 45 "$PY" bench/bench_trl_dropin.py --device cuda --precision bf16 --rounds 4

@@ -3,7 +3,9 @@ without ever holding the [B, T, V] logits.
 
 A model's logits are z = (h W^T + b) / tau, with h its final hidden state [B, T, d], W its output
 layer's weight [V, d] (tied to the input embedding or not), b an optional bias [V] (-inf entries
-mask tokens out) and tau the sampling temperature. ``LinearLogits`` names such logits without
+mask tokens out) and tau the sampling temperature. The product h W^T runs in float32 (float64 for
+float64 inputs), or in ``product_dtype`` when one is given (bfloat16: the logits an output layer
+gives under bfloat16 autocast); the log-softmax, KL, entropy and gradient terms are float32 either way. ``LinearLogits`` names such logits without
 computing them; ``fused_kl`` walks the positions in chunks of ``chunk_size`` rows, computes each
 chunk's logits of both models, and keeps only per-position results:
 
@@ -16,7 +18,8 @@ respect to the policy's logits is
 
     dz = g_KL p (log p - log q - KL) + g_logp (onehot(y) - p) - g_H p (log p + H),
 
-and dh = dz W / tau, dW = dz^T h / tau, db = sum_rows dz / tau. The reference gets no gradient.
+and dh = dz W / tau, dW = dz^T h / tau, db = sum_rows dz / tau (both products in the policy's
+``product_dtype``, dW summed over chunks in float32). The reference gets no gradient.
 Conventions match ``kl_estimators.analytic`` on the materialised logits: 0 log 0 = 0, KL = +inf
 where p > 0 = q (with a zero gradient), and masked positions give 0 with a zero gradient.
 """
@@ -36,6 +39,8 @@ from kl_estimators._support import row_chunks, support_log_ratio
 # peak holds about four such blocks (bench/bench_fused.py).
 AUTO_CHUNK_ELEMENTS = 2**24
 
+PRODUCT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 @dataclass(frozen=True)
 class LinearLogits:
@@ -50,15 +55,20 @@ class LinearLogits:
         weight: the output layer's weight W, [V, d].
         bias: the output layer's bias b, [V], or None; -inf entries exclude tokens.
         temperature: tau > 0; the logits are (h W^T + b) / tau.
+        product_dtype: the dtype h W^T (and, for the policy, its backward products) runs in, or None
+            for float32 (float64 when h or W is float64). ``torch.bfloat16`` reproduces an output
+            layer under bfloat16 autocast: the product is rounded to bfloat16, then upcast.
 
     Raises:
-        ValueError: the shapes do not fit together or ``temperature`` is not a number > 0.
+        ValueError: the shapes do not fit together, ``temperature`` is not a number > 0 or
+            ``product_dtype`` is not a floating-point dtype.
     """
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     temperature: float = 1.0
+    product_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         check_ndim("hidden", self.hidden, 3, "[B, T, d]")
@@ -70,6 +80,8 @@ class LinearLogits:
         if self.bias is not None and tuple(self.bias.shape) != (self.weight.shape[0],):
             raise ValueError(f"bias must be [V] = [{self.weight.shape[0]}], got {tuple(self.bias.shape)}")
         check_number("temperature", self.temperature, low=0.0, open_low=True)
+        if self.product_dtype is not None and self.product_dtype not in PRODUCT_DTYPES:
+            raise ValueError(f"product_dtype must be None or one of {PRODUCT_DTYPES}, got {self.product_dtype!r}")
         if self.bias is not None and bool(torch.isneginf(self.bias).all()):
             raise ValueError("bias is -inf for every token: the logits have no support (no distribution to take a KL of)")
 
@@ -80,7 +92,7 @@ class LinearLogits:
 
     def materialise(self) -> torch.Tensor:
         """The [B, T, V] logits themselves (for tests and small V; the point of the class is not to)."""
-        return _logits(self.hidden, self.weight, self.bias, self.temperature)
+        return _logits(self.hidden, self.weight, self.bias, self.temperature, self.product_dtype)
 
 
 class FusedKL(NamedTuple):
@@ -99,9 +111,28 @@ class FusedKL(NamedTuple):
     entropy: torch.Tensor  # H(pi(.|s_t))
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def _product(a: torch.Tensor, b: torch.Tensor, product_dtype: torch.dtype | None, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with both factors in ``product_dtype`` (None: ``dtype``), returned in ``dtype``."""
+    product_dtype = product_dtype or dtype
+    return (a.to(product_dtype) @ b.to(product_dtype)).to(dtype)
+
+
+def _add_product(
+    total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, product_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """total + a @ b in a's dtype (total None: a @ b), the product in ``product_dtype``; without a
+    separate product dtype no [rows(a), cols(b)] temporary is made."""
+    if product_dtype in (None, a.dtype):
+        return a @ b if total is None else total.addmm_(a, b)
+    product = _product(a, b, product_dtype, a.dtype)
+    return product if total is None else total.add_(product)
+
+
+def _logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float, product_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     dtype = torch.promote_types(upcast(hidden).dtype, upcast(weight).dtype)
-    z = hidden.to(dtype) @ weight.to(dtype).T
+    z = _product(hidden, weight.T, product_dtype, dtype)
     if bias is not None:
         z += bias.to(dtype)
     return z.div_(temperature) if temperature != 1 else z
@@ -116,10 +147,11 @@ class _Layer(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor | None
     temperature: float
+    product_dtype: torch.dtype | None
 
     def log_probs(self, hidden: torch.Tensor, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """log-softmax [n, V] of the rows' logits and their log-normaliser [n] (given: not recomputed)."""
-        z = _logits(hidden, self.weight, self.bias, self.temperature)
+        z = _logits(hidden, self.weight, self.bias, self.temperature, self.product_dtype)
         if lse is None:
             lse = torch.logsumexp(z, -1)
         return z.sub_(lse.unsqueeze(-1)), lse
@@ -187,9 +219,10 @@ class _FusedKLRows(torch.autograd.Function):
     recomputes each chunk's logits and forms dz with them (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, h_p, w_p, b_p, h_q, w_q, b_q, tokens, tau_p, tau_q, chunk):  # noqa: D102 (autograd protocol)
+    def forward(ctx, h_p, w_p, b_p, h_q, w_q, b_q, tokens, tau_p, tau_q, products, chunk):  # noqa: D102 (autograd protocol)
         ctx.set_materialize_grads(False)
-        policy, reference = _Layer(w_p, b_p, tau_p), None if h_q is None else _Layer(w_q, b_q, tau_q)
+        policy = _Layer(w_p, b_p, tau_p, products[0])
+        reference = None if h_q is None else _Layer(w_q, b_q, tau_q, products[1])
         finite = _is_finite(b_p, b_q)
         n = h_p.shape[0]
         dtype = torch.promote_types(upcast(h_p).dtype, upcast(w_p).dtype)
@@ -204,7 +237,7 @@ class _FusedKLRows(torch.autograd.Function):
                 logq_y[rows] = logq.gather(-1, y).squeeze(-1).to(dtype)
             kl[rows], entropy[rows] = _forward_terms(logp, logq, finite)
         ctx.save_for_backward(h_p, w_p, b_p, h_q, w_q, b_q, tokens, lse_p, lse_q, kl, entropy)
-        ctx.tau_p, ctx.tau_q, ctx.chunk, ctx.finite = tau_p, tau_q, chunk, finite
+        ctx.tau_p, ctx.tau_q, ctx.products, ctx.chunk, ctx.finite = tau_p, tau_q, products, chunk, finite
         ctx.mark_non_differentiable(logq_y)
         return kl, logp_y, logq_y, entropy
 
@@ -214,8 +247,9 @@ class _FusedKLRows(torch.autograd.Function):
         h_p, w_p, b_p, h_q, w_q, b_q, tokens, lse_p, lse_q, kl, entropy = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         if g_kl is None and g_logp is None and g_entropy is None:
-            return (None,) * 10
-        policy, reference = _Layer(w_p, b_p, ctx.tau_p), None if h_q is None else _Layer(w_q, b_q, ctx.tau_q)
+            return (None,) * 11
+        policy = _Layer(w_p, b_p, ctx.tau_p, ctx.products[0])
+        reference = None if h_q is None else _Layer(w_q, b_q, ctx.tau_q, ctx.products[1])
         dtype = kl.dtype
         grad_h = torch.zeros_like(h_p) if want_h else None
         grad_w = grad_b = None
@@ -227,10 +261,9 @@ class _FusedKLRows(torch.autograd.Function):
             if ctx.tau_p != 1:
                 dz.div_(ctx.tau_p)
             if want_h:
-                grad_h[rows] = (dz @ w_p.to(dtype)).to(h_p.dtype)
+                grad_h[rows] = _product(dz, w_p, policy.product_dtype, dtype).to(h_p.dtype)
             if want_w:  # the first chunk's product initialises the sum (no [V, d] zero fill)
-                h = h_p[rows].to(dtype)
-                grad_w = dz.T @ h if grad_w is None else grad_w.addmm_(dz.T, h)
+                grad_w = _add_product(grad_w, dz.T, h_p[rows].to(dtype), policy.product_dtype)
             if want_b:
                 grad_b = dz.sum(0) if grad_b is None else grad_b.add_(dz.sum(0))
         if want_w and grad_w is None:  # no rows: every position was masked
@@ -239,7 +272,7 @@ class _FusedKLRows(torch.autograd.Function):
             grad_b = torch.zeros_like(b_p)
         grad_w = None if grad_w is None else grad_w.to(w_p.dtype)
         grad_b = None if grad_b is None else grad_b.to(b_p.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def auto_chunk_size(vocab: int) -> int:
@@ -297,14 +330,16 @@ def fused_kl(
         rows = rows[mask.reshape(-1)]
     h_p = policy.hidden.reshape(-1, d)[rows]
     selected_tokens = (torch.zeros_like(rows) if tokens is None else tokens.reshape(-1)[rows])
-    ref_args: tuple = (None, None, None, 1.0)
+    ref_args: tuple = (None, None, None, 1.0, None)
     if reference is not None:
         ref_weight = reference.weight.detach()
         ref_bias = None if reference.bias is None else reference.bias.detach()
-        ref_args = (reference.hidden.detach().reshape(-1, reference.hidden.shape[2])[rows], ref_weight, ref_bias, reference.temperature)
-    h_q, w_q, b_q, tau_q = ref_args
+        ref_hidden = reference.hidden.detach().reshape(-1, reference.hidden.shape[2])[rows]
+        ref_args = (ref_hidden, ref_weight, ref_bias, reference.temperature, reference.product_dtype)
+    h_q, w_q, b_q, tau_q, product_q = ref_args
     outputs = _FusedKLRows.apply(
-        h_p, policy.weight, policy.bias, h_q, w_q, b_q, selected_tokens, float(policy.temperature), float(tau_q), chunk_size
+        h_p, policy.weight, policy.bias, h_q, w_q, b_q, selected_tokens, float(policy.temperature), float(tau_q),
+        (policy.product_dtype, product_q), chunk_size,
     )
     kl, logprobs, ref_logprobs, entropy = (_scatter_rows(x, rows, batch_shape) for x in outputs)
     if tokens is None:

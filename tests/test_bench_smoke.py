@@ -63,8 +63,9 @@ def test_bench_fused_small():
 
 
 def test_bench_fused_against_trl_small():
-    out = run_script("bench_fused.py", "--small", "--modes", "fused", "trl", "--kl-only")
-    assert "| 300 | 16 | 2 x 3 | fused |" in out and "| 300 | 16 | 2 x 3 | trl |" in out
+    out = run_script("bench_fused.py", "--small", "--modes", "fused", "fused-bf16", "trl", "--kl-only")
+    for mode in ("fused", "fused-bf16", "trl"):
+        assert f"| 300 | 16 | 2 x 3 | {mode} |" in out
 
 
 def test_bench_fused_marks_what_does_not_fit():
@@ -100,7 +101,8 @@ def test_bench_sampler(tiny_lm_path):
 
 def test_bench_precision(tiny_lm_path):
     out = run_script("bench_precision.py", "--model", tiny_lm_path, "--batch", "2", "--length", "4")
-    for name in ("float32", "bf16 head, fp32 KL", "bf16 trunk, fp32 head", "bf16 trunk and head, fp32 KL"):
+    for name in ("float32", "bf16 head, fp32 KL", "bf16 trunk, fp32 head", "bf16 trunk and head, fp32 KL",
+                 "fused, fp32 products", "fused, bf16 products"):
         assert f"| {name} |" in out
 
 

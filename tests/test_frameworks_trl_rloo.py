@@ -89,6 +89,29 @@ def test_analytic_future_reward_is_the_exact_kl(tiny_lm_path, tiny_tokenizer, tm
         torch.testing.assert_close(x, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_bfloat16_products_reach_the_reward(tiny_lm_path, tiny_tokenizer, tmp_path):
+    """product_dtype="bfloat16": the reward's KL_t is the exact KL of the logits bf16(h) bf16(W)^T
+    (upcast), not of the float32 logits."""
+    trainer = _build(KLRLOOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path, kl_estimator="analytic-future",
+                     product_dtype="bfloat16")
+    out = _generate(trainer)
+    mask = out["completion_mask"].bool()
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    attention = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    T = out["completion_ids"].shape[1]
+
+    def bf16_logits(model):
+        hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -T - 1 : -1]
+        return (hidden.bfloat16() @ model.lm_head.weight.bfloat16().T).float()
+
+    with torch.no_grad():
+        exact = kl.analytic(bf16_logits(trainer.model), bf16_logits(trainer.ref_model), mask=mask)
+        float32 = kl.analytic(_full_logits(trainer.model, out), _full_logits(trainer.ref_model, out), mask=mask)
+    assert float((exact - float32).abs().max()) > 1e-4  # the two products differ here
+    rewards = torch.tensor(_reward([ids[m].tolist() for ids, m in zip(out["completion_ids"], mask)]))
+    torch.testing.assert_close(out["advantages"], _loo(rewards - BETA * exact.sum(-1)), rtol=1e-5, atol=1e-6)
+
+
 def test_loss_placed_estimator_with_importance_weights(tiny_lm_path, tiny_tokenizer, tmp_path):
     """kl_estimator="analytic-future-is" with num_iterations=2: no KL in the reward (advantages of the task
     reward alone) and beta x the sequence sum of per_token_kl_loss on the full logits, behaviour = the
@@ -127,6 +150,8 @@ def test_loss_placed_estimator_with_importance_weights(tiny_lm_path, tiny_tokeni
     (dict(beta=-0.1), "beta"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(weight_clip=0.0), "weight_clip"),
+    (dict(product_dtype="int8"), "product_dtype must be None or one of"),
+    (dict(kl_estimator="reinforce", product_dtype="bfloat16"), "uses no logits"),
 ))
 def test_refused_configurations(tiny_lm_path, tiny_tokenizer, tmp_path, overrides, message, monkeypatch):
     """Each refused before any model loads (a load would fail here)."""

@@ -39,6 +39,9 @@ LOSS_TYPES = ("dapo", "grpo", "sapo", "bnpo", "dr_grpo", "luspo", "cispo", "vesp
     ({}, dict(chunk_size=0), "chunk_size"),
     ({}, dict(chunk_size=1.5), "chunk_size"),
     ({}, dict(chunk_size=True), "chunk_size"),
+    ({}, dict(product_dtype="int8"), "product_dtype must be None or one of"),
+    ({}, dict(product_dtype=torch.int32), "product_dtype must be None or one of"),
+    ({}, dict(kl_estimator="k3-loss", product_dtype="bfloat16"), "uses no logits"),
     (dict(loss_type="grpo"), {}, "biases kl_estimator"),
     (dict(importance_sampling_level="sequence", loss_type="luspo"), dict(kl_estimator="k3-ratio"), "token ratio"),
     (dict(top_k=5), {}, "top_k=5 samples"),
@@ -218,14 +221,49 @@ def test_undeclared_scale_is_refused_under_bf16(tiny_granite_path, tiny_tokenize
         trainer._compute_loss(trainer.model, inputs)
 
 
-@pytest.mark.parametrize("cast_lm_head_to_fp32", (False, True))
-def test_unscaled_model_trains_under_bf16(tiny_lm_path, tiny_tokenizer, tmp_path, cast_lm_head_to_fp32):
+@pytest.mark.parametrize(("cast_lm_head_to_fp32", "product_dtype"), ((False, None), (True, None), (False, "bfloat16")))
+def test_unscaled_model_trains_under_bf16(tiny_lm_path, tiny_tokenizer, tmp_path, cast_lm_head_to_fp32, product_dtype):
     """The check reads the model's own forward, not accelerate's bf16 autocast wrapper of it (which
-    train() installs): an unscaled model passes and trains, also with TRL's float32 output layer."""
+    train() installs): an unscaled model passes and trains, also with TRL's float32 output layer
+    and with the fused KL's products in bfloat16."""
     trainer = build(KLGRPOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path, bf16=True, max_steps=1,
-                    cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+                    cast_lm_head_to_fp32=cast_lm_head_to_fp32, product_dtype=product_dtype)
     trainer.train()
     assert trainer.state.global_step == 1 and math.isfinite(trainer.state.log_history[0]["kl"])
+
+
+def test_bfloat16_products_are_the_kl_of_bfloat16_logits(tiny_lm_path, tiny_tokenizer, tmp_path):
+    """product_dtype="bfloat16": the analytic loss is that of the logits bf16(h) bf16(W)^T (upcast, /
+    T) to float32 rounding, its gradient that of autograd through them to bfloat16's resolution, and
+    both differ from the float32 products' (so the products did run in bfloat16)."""
+    losses = {}
+    for product_dtype in (None, "bfloat16"):
+        trainer = build(KLGRPOTrainer, tiny_lm_path, tiny_tokenizer, tmp_path / str(product_dtype), temperature=0.7,
+                        product_dtype=product_dtype)
+        perturb(trainer.model)
+        inputs = _inputs_with_ref_hidden(trainer, seed=8)
+        losses[product_dtype] = loss = trainer._compute_loss(trainer.model, inputs)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+
+    def bf16_logits(model, hidden):
+        return (hidden.bfloat16() @ model.lm_head.weight.bfloat16().T).float() / trainer.temperature
+
+    hidden = trainer.model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -T - 1 : -1]
+    logits = bf16_logits(trainer.model, hidden)
+    with torch.no_grad():
+        ref_logits = bf16_logits(trainer.ref_model, inputs["ref_hidden_states"])
+    logps = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -T - 1 : -1].float() / trainer.temperature
+    logps = logps.log_softmax(-1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    terms = kl.per_token_kl_loss("analytic-future-is", logps, inputs["ref_per_token_logps"], inputs["completion_mask"].bool(),
+                                 logits, ref_logits, behaviour_logprobs=inputs["old_per_token_logps"])
+    expected = trainer.beta * (terms * inputs["completion_mask"]).sum() / inputs["num_items_in_batch"]
+    torch.testing.assert_close(loss, expected.to(loss.dtype), rtol=1e-5, atol=1e-7)
+    assert abs(float(losses[None] - loss)) > 1e-4 * abs(float(expected))
+    (g_ours,) = torch.autograd.grad(loss, trainer.model.lm_head.weight)
+    (g_expected,) = torch.autograd.grad(expected, trainer.model.lm_head.weight)
+    assert float((g_ours - g_expected).norm() / g_expected.norm()) < 1e-2
 
 
 def test_soft_capped_model_is_refused(tiny_lm_path, tiny_tokenizer, tmp_path, monkeypatch):

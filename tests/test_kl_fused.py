@@ -8,6 +8,8 @@ both paths in float32 gave largest abs errors of 9.8e-6 (values) and 2.5e-5 (gra
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -157,6 +159,62 @@ def test_half_inputs_are_computed_in_float32():
     assert out.kl.dtype == torch.float32 and out.logprobs.dtype == torch.float32
 
 
+def bf16_case(seed: int, chunk_size: int | None):
+    """A float32 case (V 300, d 32) with products in bfloat16 for both models."""
+    case = [None if x is None else x.detach().float().requires_grad_(x.requires_grad) if x.is_floating_point() else x
+            for x in make_case(seed, 2, 5, 300, 32)]
+    hp, wp, bp, hq, wq, bq, tokens, mask = case
+    policy = LinearLogits(hp, wp, bp, 0.9, product_dtype=torch.bfloat16)
+    reference = LinearLogits(hq, wq, bq, 0.9, product_dtype=torch.bfloat16)
+    return case, policy, reference, tokens, mask
+
+
+def materialised_path(policy: LinearLogits, reference: LinearLogits, tokens, mask):
+    """``unfused`` on the logits ``materialise`` gives (products in their ``product_dtype``)."""
+    zp, zq = policy.materialise(), reference.materialise().detach()
+    kl = kl_estimators.analytic(zp, zq, mask=mask)
+    logp, logq = zp.log_softmax(-1), zq.log_softmax(-1)
+    logp_y = torch.where(mask, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), 0.0)
+    logq_y = torch.where(mask, logq.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), 0.0)
+    entropy = torch.where(mask, -(logp.exp() * logp).sum(-1), 0.0)
+    return kl, logp_y, logq_y, entropy
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bfloat16_products_equal_the_materialised_bfloat16_logits(seed):
+    """Values: the same bfloat16 logits, so float32 rounding apart; gradients: both paths run their
+    backward products in bfloat16, so they agree to bfloat16's resolution (2^-8 relative), and dW,
+    one chunk's product here in both, much closer: seeds 0-5 gave at most 5e-5 relative, and
+    float32 backward products 2.6e-3 to 3.5e-3 (dh: 1.3e-3 and 3.5e-3; rounding flips of dz to
+    bfloat16 blur it)."""
+    case, policy, reference, tokens, mask = bf16_case(seed, None)
+    inputs = [x for x in case[:3] if x is not None]
+    fused_out = fused_kl(policy, reference, tokens, mask, chunk_size=64)
+    got = [fused_out.kl, fused_out.logprobs, fused_out.ref_logprobs, fused_out.entropy]
+    expected = materialised_path(policy, reference, tokens, mask)
+    assert_all_close([x.detach() for x in got], [x.detach() for x in expected], rtol=3e-5, atol=3e-5)
+    got_grads = torch.autograd.grad(loss_of(got, seed), inputs)
+    expected_grads = torch.autograd.grad(loss_of(expected, seed), inputs)
+    for g, e, tolerance in zip(got_grads, expected_grads, (1e-2, 5e-4, 1e-2), strict=True):  # dh, dW, db
+        assert float((g - e).norm() / e.norm()) < tolerance
+    float32_kl = fused_kl(dataclasses.replace(policy, product_dtype=None), dataclasses.replace(reference, product_dtype=None),
+                          tokens, mask).kl
+    assert float((float32_kl - fused_out.kl).abs().max()) > 1e-4  # the products really ran in bfloat16
+
+
+def test_bfloat16_products_do_not_depend_on_the_chunk_size():
+    case, policy, reference, tokens, mask = bf16_case(7, None)
+    inputs = [x for x in case[:3] if x is not None]
+    results = []
+    for chunk_size in (64, 3):
+        out = fused_kl(policy, reference, tokens, mask, chunk_size=chunk_size)
+        outputs = [out.kl, out.logprobs, out.ref_logprobs, out.entropy]
+        results.append(([x.detach() for x in outputs], torch.autograd.grad(loss_of(outputs, 7), inputs)))
+    assert_all_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for g, e in zip(results[1][1], results[0][1], strict=True):  # dW: chunks' bfloat16 products summed in float32
+        assert float((g - e).norm() / e.norm()) < 1e-2
+
+
 @pytest.mark.parametrize("estimator", ANALYTIC)
 def test_every_analytic_estimator_takes_linear_logits_in_place_of_logits(estimator):
     hp, wp, bp, hq, wq, bq, tokens, mask = make_case(7, 3, 6, 25, 5)
@@ -210,6 +268,7 @@ def test_auto_chunk_size_bounds_the_block():
         (lambda c: {**c, "hidden": torch.zeros(2, 4)}, "hidden must be"),
         (lambda c: {**c, "bias": torch.zeros(4)}, "bias must be"),
         (lambda c: {**c, "temperature": 0.0}, "temperature must be"),
+        (lambda c: {**c, "product_dtype": torch.int32}, "product_dtype must be"),
     ],
 )
 def test_bad_linear_logits_are_rejected(change, message):

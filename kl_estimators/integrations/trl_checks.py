@@ -12,6 +12,9 @@ import math
 import os
 from typing import Any
 
+import torch
+
+from kl_estimators.fused import PRODUCT_DTYPES
 from kl_estimators.info import ESTIMATOR_INFO
 from kl_estimators.weights import check_weight_clip
 
@@ -30,16 +33,18 @@ _NEUTRAL_SAMPLER_OPTIONS: dict[str, Any] = {
 }
 
 
-def check_kl_arguments(kl_estimator: Any, beta: Any, weight_clip: Any, chunk_size: Any) -> None:
+def check_kl_arguments(kl_estimator: Any, beta: Any, weight_clip: Any, chunk_size: Any, product_dtype: Any = None) -> None:
     """ValueError unless ``kl_estimator`` is a name of ``ESTIMATOR_INFO``, ``beta`` a finite number
-    > 0, ``weight_clip`` None, a finite c > 0 or a finite pair 0 <= lo <= hi, and ``chunk_size``
-    None or an int >= 1.
+    > 0, ``weight_clip`` None, a finite c > 0 or a finite pair 0 <= lo <= hi, ``chunk_size``
+    None or an int >= 1, and ``product_dtype`` None or (for an estimator that needs logits) a
+    dtype of ``product_dtype_of``.
 
     Args:
         kl_estimator: the estimator's name.
         beta: the KL coefficient.
         weight_clip: the clip of every importance weight (``kl_estimators.weights``).
         chunk_size: rows per chunk of the fused KL.
+        product_dtype: the output layer's product dtype in the fused KL (``LinearLogits.product_dtype``).
     """
     if not isinstance(kl_estimator, str) or kl_estimator not in ESTIMATOR_INFO:
         raise ValueError(f"kl_estimator must be one of {tuple(ESTIMATOR_INFO)}, got {kl_estimator!r}")
@@ -48,6 +53,26 @@ def check_kl_arguments(kl_estimator: Any, beta: Any, weight_clip: Any, chunk_siz
     check_weight_clip(weight_clip)  # finite and in range
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if product_dtype_of(product_dtype) is not None and not ESTIMATOR_INFO[kl_estimator].needs_logits:
+        raise ValueError(f"product_dtype sets the output layer's products of the exact KL; kl_estimator={kl_estimator!r} "
+                         "uses no logits (leave product_dtype None)")
+
+
+def product_dtype_of(value: Any) -> torch.dtype | None:
+    """``value`` as a ``LinearLogits.product_dtype``: None, a torch dtype of ``PRODUCT_DTYPES`` or its
+    name (``"bfloat16"``, as Hugging Face's ``dtype=`` takes it); ValueError for anything else.
+
+    Args:
+        value: None, a ``torch.dtype`` or a dtype's name.
+
+    Returns:
+        The torch dtype, or None.
+    """
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if value is None or dtype in PRODUCT_DTYPES:
+        return dtype
+    names = tuple(str(d).removeprefix("torch.") for d in PRODUCT_DTYPES)
+    raise ValueError(f"product_dtype must be None or one of {names}, got {value!r}")
 
 
 def check_loss_type(kl_estimator: str, loss_type: str) -> None:

@@ -45,7 +45,7 @@ from kl_estimators.fused import fused_kl
 from kl_estimators.gradients import per_token_kl_loss
 from kl_estimators.info import ESTIMATOR_INFO
 from kl_estimators.integrations.trl import KLGRPOTrainer, _backbone
-from kl_estimators.integrations.trl_checks import check_kl_arguments, check_sampler, check_zero3
+from kl_estimators.integrations.trl_checks import check_kl_arguments, check_sampler, check_zero3, product_dtype_of
 
 REWARD_ESTIMATORS = ("reinforce", "analytic-future")  # those whose score part goes in RLOO's sequence reward
 
@@ -53,7 +53,8 @@ REWARD_ESTIMATORS = ("reinforce", "analytic-future")  # those whose score part g
 class KLRLOOTrainer(RLOOTrainer):
     """``RLOOTrainer`` whose KL term is the estimator ``kl_estimator``, placed as the module docstring says.
 
-    ``weight_clip`` and ``chunk_size`` are passed to ``per_token_kl_loss`` / ``fused_kl``.
+    ``weight_clip`` and ``chunk_size`` are passed to ``per_token_kl_loss`` / ``fused_kl``, and
+    ``product_dtype`` to the analytic estimators' ``LinearLogits`` (as ``KLGRPOTrainer``'s).
     """
 
     # lm_head(h) / T as LinearLogits, the logit scale read from the config and each model's own logits
@@ -64,9 +65,9 @@ class KLRLOOTrainer(RLOOTrainer):
     _is_reference = KLGRPOTrainer._is_reference
 
     def __init__(self, *args: Any, kl_estimator: str = "analytic-future", weight_clip: Any = None,
-                 chunk_size: int | None = None, **kwargs: Any) -> None:
+                 chunk_size: int | None = None, product_dtype: Any = None, **kwargs: Any) -> None:
         config = kwargs.get("args", args[2] if len(args) > 2 else None)  # RLOOTrainer(model, reward_funcs, args, ...)
-        check_kl_arguments(kl_estimator, getattr(config, "beta", 0.05), weight_clip, chunk_size)
+        check_kl_arguments(kl_estimator, getattr(config, "beta", 0.05), weight_clip, chunk_size, product_dtype)
         if config is not None:
             check_zero3(kl_estimator, getattr(config, "deepspeed", None))
             check_sampler({"top_k": config.top_k, "top_p": config.top_p, "min_p": config.min_p, **(config.generation_kwargs or {})})
@@ -82,6 +83,7 @@ class KLRLOOTrainer(RLOOTrainer):
         self.kl_estimator = kl_estimator
         self.kl_weight_clip = weight_clip
         self.kl_chunk_size = chunk_size
+        self.kl_product_dtype = product_dtype_of(product_dtype)
         self._captured: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._generating = False
         self._checked_output_layers: set[tuple[int, bool]] = set()

@@ -21,7 +21,7 @@ def grpo_config(tmp_path, **overrides) -> GRPOConfig:
 def build(trainer_class, model_path: str, tokenizer, tmp_path, reward_funcs=None, prompts=("this movie was", "the plot"),
           **kwargs) -> GRPOTrainer:
     """``trainer_class`` on the tiny model; ``kwargs`` go to GRPOConfig except the trainer's own (``kl_*``)."""
-    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size", "peft_config")}
+    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size", "product_dtype", "peft_config")}
     dataset = Dataset.from_dict({"prompt": list(prompts) * 4})
     reward_funcs = reward_funcs or (lambda completions, **_: [float(len(c)) for c in completions])
     trainer = trainer_class(model=model_path, reward_funcs=reward_funcs, args=grpo_config(tmp_path, **kwargs),
@@ -71,7 +71,7 @@ def rloo_reward(completion_ids, **_):
 
 def build_rloo(trainer_class, tiny_lm_path, tiny_tokenizer, tmp_path, prompts=("this movie was", "the plot"), **kwargs):
     """``trainer_class`` (RLOOTrainer or KLRLOOTrainer) on the tiny model, beta 0.1, groups of 4, its reference perturbed."""
-    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size", "peft_config")}
+    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kl_estimator", "weight_clip", "chunk_size", "product_dtype", "peft_config")}
     reward_funcs = kwargs.pop("reward_funcs", rloo_reward)
     options = dict(output_dir=str(tmp_path / "rloo"), beta=0.1, num_generations=4, per_device_train_batch_size=4,
                    max_completion_length=4, max_steps=1, report_to=[], save_strategy="no", use_cpu=True,
