@@ -124,6 +124,18 @@ def print_operators(prof, vocab: int, rows: int = 15) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def learner(config: str, threads: int, run_flags: list[str]):
+    """A quiet PPOKL of ``config`` (plus ``run_flags``, no evaluation) set up to learn, and its callback,
+    with torch on ``threads`` threads: ``model.collect_rollouts(...)`` and ``model.train()`` are then
+    one iteration."""
+    torch.set_num_threads(threads)
+    args = parse_args(["--config", config, "--eval-every", "0", *run_flags])
+    env, _ = make_envs(args)
+    model = quiet(build_model(args, env, out=None, resume=False))  # type: ignore[arg-type]
+    _, callback = model.setup_learn(10**9, CallbackList([]))
+    return model, callback
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -132,11 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--torch-profile", action="store_true")
     options, run_flags = parser.parse_known_args(argv)
-    torch.set_num_threads(options.threads)
-    args = parse_args(["--config", options.config, "--eval-every", "0", *run_flags])
-    env, _ = make_envs(args)
-    model = quiet(build_model(args, env, out=None, resume=False))  # type: ignore[arg-type]
-    _, callback = model.setup_learn(10**9, CallbackList([]))
+    model, callback = learner(options.config, options.threads, run_flags)
 
     def iteration():
         model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)

@@ -5,8 +5,8 @@ A model's logits are z = (h W^T + b) / tau, with h its final hidden state [B, T,
 layer's weight [V, d] (tied to the input embedding or not), b an optional bias [V] (-inf entries
 mask tokens out) and tau the sampling temperature. The product h W^T runs in float32 (float64 for
 float64 inputs), or in ``product_dtype`` when one is given (bfloat16: the logits an output layer
-gives under bfloat16 autocast); the log-softmax, KL, entropy and gradient terms are float32 either way. ``LinearLogits`` names such logits without
-computing them; ``fused_kl`` walks the positions in chunks of ``chunk_size`` rows, computes each
+gives under bfloat16 autocast); the log-softmax, KL, entropy and gradient terms are float32 either
+way. ``LinearLogits`` names such logits without computing them; ``fused_kl`` walks the positions in chunks of ``chunk_size`` rows, computes each
 chunk's logits of both models, and keeps only per-position results:
 
     KL_t     = sum_v p_v (log p_v - log q_v)        p = softmax(z_pi), q = softmax(z_ref)
@@ -144,10 +144,20 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _Layer(NamedTuple):
+    """An output layer as the chunks use it: ``weight`` already in ``product_dtype``."""
+
     weight: torch.Tensor
     bias: torch.Tensor | None
     temperature: float
-    product_dtype: torch.dtype | None
+    product_dtype: torch.dtype
+
+    @classmethod
+    def cast(cls, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float, product_dtype: torch.dtype | None,
+             hidden: torch.Tensor) -> _Layer:
+        """The layer with its weight cast once (not once per chunk) to the products' dtype: ``product_dtype``,
+        or None for ``hidden``'s and ``weight``'s promoted dtype, at least float32."""
+        product_dtype = product_dtype or torch.promote_types(upcast(hidden).dtype, upcast(weight).dtype)
+        return cls(weight.to(product_dtype), bias, temperature, product_dtype)
 
     def log_probs(self, hidden: torch.Tensor, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """log-softmax [n, V] of the rows' logits and their log-normaliser [n] (given: not recomputed)."""
@@ -221,8 +231,8 @@ class _FusedKLRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_p, w_p, b_p, h_q, w_q, b_q, tokens, tau_p, tau_q, products, chunk):  # noqa: D102 (autograd protocol)
         ctx.set_materialize_grads(False)
-        policy = _Layer(w_p, b_p, tau_p, products[0])
-        reference = None if h_q is None else _Layer(w_q, b_q, tau_q, products[1])
+        policy = _Layer.cast(w_p, b_p, tau_p, products[0], h_p)
+        reference = None if h_q is None else _Layer.cast(w_q, b_q, tau_q, products[1], h_q)
         finite = _is_finite(b_p, b_q)
         n = h_p.shape[0]
         dtype = torch.promote_types(upcast(h_p).dtype, upcast(w_p).dtype)
@@ -248,20 +258,20 @@ class _FusedKLRows(torch.autograd.Function):
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         if g_kl is None and g_logp is None and g_entropy is None:
             return (None,) * 11
-        policy = _Layer(w_p, b_p, ctx.tau_p, ctx.products[0])
-        reference = None if h_q is None else _Layer(w_q, b_q, ctx.tau_q, ctx.products[1])
+        policy = _Layer.cast(w_p, b_p, ctx.tau_p, ctx.products[0], h_p)
+        reference = None if h_q is None or g_kl is None else _Layer.cast(w_q, b_q, ctx.tau_q, ctx.products[1], h_q)
         dtype = kl.dtype
         grad_h = torch.zeros_like(h_p) if want_h else None
         grad_w = grad_b = None
         for rows in row_chunks(h_p.shape[0], ctx.chunk):
             logp, _ = policy.log_probs(h_p[rows], lse_p[rows])
-            logq = None if reference is None or g_kl is None else reference.log_probs(h_q[rows], lse_q[rows])[0]
+            logq = None if reference is None else reference.log_probs(h_q[rows], lse_q[rows])[0]
             grads = tuple(None if g is None else g[rows] for g in (g_kl, g_logp, g_entropy))
             dz = _logit_gradient(logp, logq, tokens[rows], kl[rows], entropy[rows], grads, ctx.finite)
             if ctx.tau_p != 1:
                 dz.div_(ctx.tau_p)
             if want_h:
-                grad_h[rows] = _product(dz, w_p, policy.product_dtype, dtype).to(h_p.dtype)
+                grad_h[rows] = _product(dz, policy.weight, policy.product_dtype, dtype).to(h_p.dtype)
             if want_w:  # the first chunk's product initialises the sum (no [V, d] zero fill)
                 grad_w = _add_product(grad_w, dz.T, h_p[rows].to(dtype), policy.product_dtype)
             if want_b:

@@ -46,7 +46,7 @@ def tiny_config(tiny_lm_path, tmp_path_factory) -> Path:
 
 
 def test_every_bench_script_has_a_smoke_test():
-    tested = {"bench_bf16_cpu.py", "bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_memory.py", "bench_precision.py",
+    tested = {"bench_bf16_cpu.py", "bench_env.py", "bench_fused.py", "bench_iteration.py", "bench_kl.py", "bench_malloc.py", "bench_memory.py", "bench_precision.py",
               "bench_ranks.py", "bench_sampler.py", "bench_trl.py", "bench_trl_dropin.py", "compare_kl_variants.py", "profile_iteration.py"}  # fmt: skip
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
@@ -120,6 +120,11 @@ def test_bench_iteration(tiny_config):
 def test_bench_iteration_hidden(tiny_config):
     out = run_script("bench_iteration.py", "--config", str(tiny_config), "--rounds", "2", "--ref-logits", "hidden")
     assert "| PPOKL analytic |" in out
+
+
+def test_bench_malloc(tiny_config):
+    out = run_script("bench_malloc.py", "--config", str(tiny_config), "--rounds", "1")
+    assert "| 1 | default |" in out and "| 1 | retain |" in out and "paired retain / default" in out
 
 
 def test_profile_iteration(tiny_config):

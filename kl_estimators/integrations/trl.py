@@ -151,7 +151,8 @@ class KLGRPOTrainer(GRPOTrainer):
         product_dtype: for ``"analytic*"``, the dtype of the output layer's products in ``fused_kl``
             (``LinearLogits.product_dtype``; a torch dtype or its name). None: float32, whatever
             ``bf16`` says. ``"bfloat16"``: the products TRL's own head runs under ``bf16=True``,
-            faster where bfloat16 products are, at about 10x the KL's error (docs/benchmarks.md).
+            faster where bfloat16 products are, at about 10x the KL's error of a float32 head
+            (SmolLM2-135M, docs/benchmarks.md).
         **kwargs: ``GRPOTrainer``'s keyword arguments (``train_dataset``, ``peft_config``, ...).
 
     Raises:
