@@ -79,8 +79,7 @@ def evaluate(variant: str, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Ten
     (grad,) = torch.autograd.grad(kl.sum(), hp)
     with torch.no_grad():
         log_ratio = (logp - logq).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        k3 = (-log_ratio).exp() - 1 + log_ratio
-    return {name: value.detach().double() for name, value in (("kl", kl), ("grad", grad), ("log_ratio", log_ratio), ("k3", k3))}
+    return result(kl, grad, log_ratio)
 
 
 def evaluate_fused(hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, product_dtype) -> dict:
@@ -90,9 +89,14 @@ def evaluate_fused(hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, tok
         kl_estimators.LinearLogits(hq, weight, product_dtype=product_dtype), tokens, chunk_size=64,
     )
     (grad,) = torch.autograd.grad(out.kl.sum(), hp)
-    log_ratio = (out.logprobs - out.ref_logprobs).detach()
+    return result(out.kl, grad, out.logprobs - out.ref_logprobs)
+
+
+def result(kl: torch.Tensor, grad: torch.Tensor, log_ratio: torch.Tensor) -> dict:
+    """The four compared quantities in float64: KL, its gradient, the log-ratio and k3 = e^-lr - 1 + lr."""
+    log_ratio = log_ratio.detach()
     k3 = (-log_ratio).exp() - 1 + log_ratio
-    return {name: value.detach().double() for name, value in (("kl", out.kl), ("grad", grad), ("log_ratio", log_ratio), ("k3", k3))}
+    return {name: value.detach().double() for name, value in (("kl", kl), ("grad", grad), ("log_ratio", log_ratio), ("k3", k3))}
 
 
 def errors(result: dict, truth: dict) -> dict[str, torch.Tensor]:
